@@ -1,0 +1,10 @@
+"""growkern: grow a trained dense causal LM in width, with its whole training state."""
+from .backends import backends
+from .model import GPT, GPTConfig
+from .plan import DimMap, GrowthPlan, plan_growth
+from .strategies import Strategy, register_strategy, strategies
+from .widen import GrowthReport, widen_
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "DimMap", "GrowthPlan", "GrowthReport", "Strategy",
+           "backends", "plan_growth", "register_strategy", "strategies", "widen_"]

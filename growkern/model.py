@@ -1,0 +1,271 @@
+"""A small dense decoder-only transformer, written to be grown in width.
+
+Every projection is its own nn.Linear (q, k and v are separate) so that each
+weight has exactly one row axis and one column axis, each belonging to one
+width dimension (d_model, d_ff, heads x head_dim). The growth engine relies on
+that: see growkern/plan.py for the axis of every parameter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head
+    d_model: int = 128
+    d_ff: int | None = None  # None means 4 * d_model
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    pos: str = "learned"
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    # Growth that zero-pads the residual stream rescales eps with the gains,
+    # which keeps the norms exact; so eps is part of the config.
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"GPTConfig: {msg}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"{name} must be a positive int, got {v!r}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        need(self.pos in POSITIONS, f"pos must be one of {POSITIONS}, got {self.pos!r}")
+        need(self.d_model % self.n_head == 0,
+             f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        need(self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        need(self.pos != "rope" or self.head_dim % 2 == 0,
+             f"rope needs an even head_dim, got {self.head_dim}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "GPTConfig":
+        return replace(self, **changes)
+
+
+def init_std(name: str, config: GPTConfig) -> float:
+    """GPT-2 init of a parameter: N(0, 0.02), residual output projections scaled by
+    1/sqrt(2 n_layer); biases 0 and norm gains 1 (std 0)."""
+    if name.endswith("bias") or is_norm_gain(name):
+        return 0.0
+    if name.endswith(("o_proj.weight", "mlp.down.weight")):
+        return 0.02 / math.sqrt(2 * config.n_layer)
+    return 0.02
+
+
+def is_norm_gain(name: str) -> bool:
+    return name.endswith("weight") and (".ln_" in name or name.startswith("ln_f"))
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, eps read from the config."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.norm
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.d_model))
+        has_bias = config.bias and config.norm == "layernorm"
+        self.bias = nn.Parameter(torch.zeros(config.d_model)) if has_bias else None
+
+    def forward(self, x):
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(config: GPTConfig, device=None, dtype=torch.float32):
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    t = torch.arange(config.block_size, dtype=torch.float64, device=device)
+    angles = torch.outer(t, inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); rotate interleaved pairs (x0, x1), (x2, x3), ...
+    T = x.shape[-2]
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hd = config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, hd
+        self.q_proj = nn.Linear(config.d_model, config.n_head * hd, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hd, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_kv_head != self.n_head:
+            # query head h reads kv head h // group; the growth plan keeps that layout
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.mlp
+        if config.mlp == "swiglu":
+            self.gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+            self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+            self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        else:
+            self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+            self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = Norm(config)
+        self.attn = Attention(config)
+        self.ln_2 = Norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = Norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.rebuild_buffers()
+        self.reset_parameters()
+
+    def rebuild_buffers(self):
+        """(Re)build what depends on the config but is not trained: RoPE tables, norm eps."""
+        c = self.config
+        device = self.wte.weight.device
+        if c.pos == "rope":
+            cos, sin = rope_tables(c, device=device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        for m in self.modules():
+            if isinstance(m, Norm):
+                m.eps = c.norm_eps
+            elif isinstance(m, Attention):
+                m.n_head, m.n_kv_head, m.head_dim = c.n_head, c.n_kv_head, c.head_dim
+                m.dropout = c.dropout
+            elif isinstance(m, nn.Dropout):
+                m.p = c.dropout
+
+    def init_std(self, name: str) -> float:
+        return init_std(name, self.config)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif is_norm_gain(name):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.init_std(name), generator=generator)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits.float(), dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+        return idx

@@ -1,0 +1,96 @@
+"""The one primitive every tensor write of a growth goes through, and its reference.
+
+For a new tensor of shape (R, C) built from an old tensor `src` (1-D tensors
+use rows only):
+
+    n = N(seed, stream, r, noise_col[c])
+    if row_src[r] >= 0 and col_src[c] >= 0:
+        dst[r, c] = src[row_src[r], col_src[c]] * row_scale[r] * col_scale[c]
+                    + sigma * row_sign[r] * col_sign[c] * n
+    else:  # a fresh entry
+        dst[r, c] = fresh_value + sigma_fresh * n
+
+N is the counter-based normal of growkern.philox. A source index of -1 marks a
+fresh unit. `noise_col` lets two columns share one draw: antithetic partners get
+the same counter and opposite signs, so their sum is unchanged.
+
+A parameter and its optimizer moments share the maps (row_src, col_src) and
+the noise layout, and differ in scales, fresh value and sigma; a WidenGroup
+holds them together so one pass can read the old parameter and its moments and
+write the new ones. This module is the specification: every backend must
+match `reference_widen` (noise bit for bit in the integer stream, floats to
+the bound stated in tests/test_ops.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import philox
+
+
+@dataclass
+class TensorScales:
+    """What differs between the members of a group."""
+    row_scale: torch.Tensor  # float64 [R]
+    col_scale: torch.Tensor | None  # float64 [C], None for 1-D tensors
+    fresh_value: float = 0.0
+    sigma: float = 0.0
+    sigma_fresh: float = 0.0
+    stream: int = 0
+
+
+@dataclass
+class WidenGroup:
+    """The shared maps of a parameter and its optimizer moments."""
+    row_src: torch.Tensor  # int64 [R], -1 = fresh
+    col_src: torch.Tensor | None  # int64 [C], None for 1-D tensors
+    row_sign: torch.Tensor  # float64 [R]
+    col_sign: torch.Tensor | None  # float64 [C]
+    noise_col: torch.Tensor | None  # int64 [C]
+    seed: int = 0
+    members: list[TensorScales] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.col_src is None:
+            return (self.row_src.numel(),)
+        return (self.row_src.numel(), self.col_src.numel())
+
+
+def noise(group: WidenGroup, stream: int, device=None) -> torch.Tensor:
+    """The group's standard normals in float64, shape group.shape."""
+    rows = np.arange(group.row_src.numel())
+    if group.col_src is None:
+        z = philox.normal(group.seed, stream, rows, np.zeros_like(rows))
+    else:
+        cols = group.noise_col.cpu().numpy()
+        z = philox.normal(group.seed, stream, rows[:, None], cols[None, :])
+    return torch.from_numpy(z).to(device)
+
+
+def reference_widen(src: torch.Tensor, group: WidenGroup, member: TensorScales,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The specification, in float64, rounded once to the output dtype."""
+    dev = src.device
+    x = src.detach().to(torch.float64)
+    row_src = group.row_src.to(dev)
+    row_ok = row_src >= 0
+    rows = x.index_select(0, row_src.clamp(min=0))
+    base_scale = member.row_scale.to(dev, torch.float64)
+    ok = row_ok
+    if group.col_src is not None:
+        col_src = group.col_src.to(dev)
+        rows = rows.index_select(1, col_src.clamp(min=0))
+        base_scale = base_scale[:, None] * member.col_scale.to(dev, torch.float64)[None, :]
+        ok = row_ok[:, None] & (col_src >= 0)[None, :]
+    out = torch.where(ok, rows * base_scale, torch.full_like(rows, member.fresh_value))
+    if member.sigma != 0.0 or member.sigma_fresh != 0.0:
+        sign = group.row_sign.to(dev, torch.float64)
+        if group.col_src is not None:
+            sign = sign[:, None] * group.col_sign.to(dev, torch.float64)[None, :]
+        coef = torch.where(ok, member.sigma * sign, torch.full_like(sign, member.sigma_fresh))
+        out = out + coef * noise(group, member.stream, dev)
+    return out.to(out_dtype or src.dtype)

@@ -1,0 +1,288 @@
+"""Growth strategies: each a small named unit deciding how new units are made.
+
+A strategy answers four questions for a plan (growkern/plan.py):
+- dim_map: which old unit each new unit of a dimension copies, or that it is fresh;
+- tensor_plan: per parameter, the noise and any extra scaling;
+- moments: how optimizer moments are carried ("exact": the moment rule,
+  "asym": the rule for original units and zero for their copies, "keep": moments
+  of kept entries unchanged, "zero": all zero), and whether the step count resets;
+- preservation: whether the plan is function preserving at step 0, and if not why.
+
+Register your own with `growkern.register_strategy(MyStrategy)`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from .plan import Axis, DimMap, GrowthPlan, TensorPlan
+
+_REGISTRY: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(cls: type["Strategy"]) -> type["Strategy"]:
+    """Register a Strategy subclass under its `name` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"register_strategy needs a Strategy subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise ValueError(f"{cls.__name__}.name must be a non-empty string")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_strategy(strategy, **options) -> "Strategy":
+    if isinstance(strategy, Strategy):
+        if options:
+            raise ValueError("pass options to the Strategy's constructor, not with an instance")
+        return strategy
+    if strategy not in _REGISTRY:
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(strategies())}")
+    cls = _REGISTRY[strategy]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
+    for k in options:
+        if k not in allowed:
+            raise ValueError(f"strategy {strategy!r} has no option {k!r}; allowed: {allowed or 'none'}")
+    return cls(**options)
+
+
+def first_copies(src: torch.Tensor) -> torch.Tensor:
+    """1.0 where an index is the first occurrence of its source, 0.0 for later copies and fresh."""
+    out = torch.zeros(src.numel(), dtype=torch.float64)
+    seen = set()
+    for j, s in enumerate(src.tolist()):
+        if s >= 0 and s not in seen:
+            seen.add(s)
+            out[j] = 1.0
+    return out
+
+
+def antithetic(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise signs and counters for the copies of each source: copies (0, 1), (2, 3), ...
+    share one draw with signs +1/-1, an odd last copy gets none, so the sum over the
+    copies of every source is unchanged. Fresh indices get sign 0 and their own counter."""
+    sign = torch.zeros(src.numel(), dtype=torch.float64)
+    idx = torch.arange(src.numel())
+    partner_of: dict[int, list[int]] = {}
+    for j, s in enumerate(src.tolist()):
+        if s >= 0:
+            partner_of.setdefault(s, []).append(j)
+    for copies in partner_of.values():
+        for a, b in zip(copies[0::2], copies[1::2]):
+            sign[a], sign[b] = 1.0, -1.0
+            idx[b] = a
+    return sign, idx
+
+
+class Strategy:
+    """Base: exact symmetric clones. Subclasses override what differs."""
+    name = "base"
+    preserving = True
+    moments = "exact"
+    reset_step = False
+    rescale_norms = True  # rescale norm gains and eps for zero-padded residual units
+
+    def __init__(self):
+        pass
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}({opts})" if opts else self.name
+
+    def options(self) -> dict:
+        return {}
+
+    def dim_map(self, dim: str, old: int, new: int, generator) -> DimMap:
+        # The residual stream pads with fresh zero units beyond the largest uniform
+        # tiling, so norms see the same statistics (exact for RMSNorm); every other
+        # dimension gives its remainder to extra clones of seeded-random old units.
+        remainder = "fresh" if dim == "d_model" else "clone"
+        return DimMap.build(dim, old, new, copies=True, remainder=remainder, generator=generator)
+
+    def adjust_config(self, plan: GrowthPlan):
+        if not self.rescale_norms:
+            return plan.new
+        from .plan import residual_norm_scale
+        return plan.new.replace(norm_eps=plan.old.norm_eps * residual_norm_scale(plan) ** 2)
+
+    def preservation(self, plan: GrowthPlan) -> tuple[bool, str]:
+        if not self.preserving:
+            return False, f"strategy {self.name} does not preserve the function"
+        if plan.old.norm == "layernorm" and not plan.dims["d_model"].exact_clone:
+            return False, ("LayerNorm over a zero-padded residual stream (d_model growth that is "
+                           "not a whole multiple, or non-clone residual units) changes the mean; "
+                           "RMSNorm is exact")
+        return True, ""
+
+    def tensor_plan(self, plan: GrowthPlan, tp: TensorPlan) -> TensorPlan:
+        return tp
+
+
+@register_strategy
+class ExactCopy(Strategy):
+    """Symmetric clones, fan-in split 1/k, moments by the exact rule."""
+    name = "exact_copy"
+
+
+@register_strategy
+class Perturb(Strategy):
+    """exact_copy plus symmetry-breaking noise. preserving=True: antithetic noise on the
+    fan-in copies (+e on one copy, -e on its partner) and on the fan-out of zero-valued
+    fresh units; preserving=False: independent noise on every entry of every matrix.
+    sigma = noise * RMS of the mapped matrix over its non-fresh entries."""
+    name = "perturb"
+
+    def __init__(self, noise: float = 0.01, preserving: bool = True):
+        super().__init__()
+        if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"perturb: noise must be a finite number >= 0, got {noise!r}")
+        if not isinstance(preserving, bool):
+            raise ValueError(f"perturb: preserving must be True or False, got {preserving!r}")
+        self.noise, self.preserving = float(noise), preserving
+
+    def options(self):
+        return {"noise": self.noise, "preserving": self.preserving}
+
+    def tensor_plan(self, plan, tp):
+        if tp.cols is None:
+            return tp
+        rows, cols = tp.rows, tp.cols
+        rows.sign = torch.ones(rows.src.numel(), dtype=torch.float64)
+        if self.preserving:
+            if cols.role != "consume":
+                return tp
+            cols.sign, cols.noise_idx = antithetic(cols.src)
+            # fresh columns read zero-valued units: noise there keeps the function
+            if bool((cols.src < 0).any()) and bool((rows.src >= 0).all()):
+                tp.noise_fresh = self.noise
+        else:
+            cols.sign = torch.ones(cols.src.numel(), dtype=torch.float64)
+            tp.noise_fresh = self.noise
+        tp.noise = self.noise
+        return tp
+
+
+@register_strategy
+class AsymReset(Strategy):
+    """exact_copy weights; moments kept (by the exact rule) for the original unit and
+    zeroed for its copies, or zeroed everywhere with zero_all=True."""
+    name = "asym_reset"
+
+    def __init__(self, zero_all: bool = False):
+        super().__init__()
+        if not isinstance(zero_all, bool):
+            raise ValueError(f"asym_reset: zero_all must be True or False, got {zero_all!r}")
+        self.zero_all = zero_all
+        self.moments = "zero" if zero_all else "asym"
+
+    def options(self):
+        return {"zero_all": self.zero_all}
+
+    def tensor_plan(self, plan, tp):
+        tp.moment_mask_rows = first_copies(tp.rows.src)
+        if tp.cols is not None:
+            tp.moment_mask_cols = first_copies(tp.cols.src)
+        return tp
+
+
+# which (dim, role) axes hold the fan-in weights of a unit, for non-clone strategies
+_FAN_IN = {("d_ff", "produce"), ("kv", "produce"), ("q", "query")}
+
+
+@register_strategy
+class Structured(Strategy):
+    """Non-clone units. New d_ff units and heads: fan-in rows random, orthogonal to the
+    span of the old units' fan-in rows and scaled to their RMS; fan-out zero. New
+    residual (d_model) units: fan-in zero, fan-out random (they read zero, so the
+    function is kept), norms rescaled. head_dim grows by cloning. New units' moments
+    are zero."""
+    name = "structured"
+
+    def dim_map(self, dim, old, new, generator):
+        if dim == "head_dim":
+            return super().dim_map(dim, old, new, generator)
+        return DimMap.build(dim, old, new, copies=False, remainder="fresh")
+
+    def tensor_plan(self, plan, tp):
+        if tp.cols is None:
+            return tp
+        fresh_fan_in = (tp.rows.dim, tp.rows.role) in _FAN_IN and bool((tp.rows.src < 0).any())
+        fresh_fan_out = tp.cols.role == "consume" and tp.cols.dim == "d_model" and bool((tp.cols.src < 0).any())
+        if fresh_fan_in or fresh_fan_out:
+            tp.rows.sign = torch.zeros(tp.rows.src.numel(), dtype=torch.float64)
+            tp.cols.sign = torch.zeros(tp.cols.src.numel(), dtype=torch.float64)
+            tp.noise_fresh = 1.0
+            tp.orthogonalize_fresh_rows = fresh_fan_in
+        return tp
+
+
+@register_strategy
+class ShrinkZeroPadPerturb(Strategy):
+    """Shrink, zero-pad, perturb: old entries times `shrink`, new entries zero, then
+    N(0, init_std^2) noise on every matrix entry at the wide model's own init scale.
+    Norm gains are kept (new ones 1). Not function preserving. Moments of old entries
+    kept, new ones zero."""
+    name = "szp"
+    preserving = False
+    moments = "keep"
+    rescale_norms = False
+
+    def __init__(self, shrink: float = 0.5):
+        super().__init__()
+        if not (isinstance(shrink, (int, float)) and 0 <= shrink <= 1):
+            raise ValueError(f"szp: shrink must be a number in [0, 1], got {shrink!r}")
+        self.shrink = float(shrink)
+
+    def options(self):
+        return {"shrink": self.shrink}
+
+    def dim_map(self, dim, old, new, generator):
+        return DimMap.build(dim, old, new, copies=False, remainder="fresh")
+
+    def preservation(self, plan):
+        return False, "szp shrinks and perturbs the weights"
+
+    def tensor_plan(self, plan, tp):
+        if tp.rows.role == "norm":
+            tp.rows.scale = torch.ones_like(tp.rows.scale)
+            tp.fresh_value = 1.0 if tp.name.endswith("weight") else 0.0
+            return tp
+        tp.rows.scale = tp.rows.scale * self.shrink
+        if tp.cols is not None:
+            tp.rows.sign = torch.ones(tp.rows.src.numel(), dtype=torch.float64)
+            tp.cols.sign = torch.ones(tp.cols.src.numel(), dtype=torch.float64)
+            tp.noise = tp.noise_fresh = tp.init_std
+            tp.noise_mode = "absolute"
+        return tp
+
+
+@register_strategy
+class Scratch(Strategy):
+    """A fresh init of the wide model (N(0, init_std^2) from the growth's noise stream,
+    biases 0, norm gains 1), zero moments, step reset: the baseline."""
+    name = "scratch"
+    preserving = False
+    moments = "zero"
+    reset_step = True
+    rescale_norms = False
+
+    def dim_map(self, dim, old, new, generator):
+        return DimMap(dim, old, torch.full((new,), -1, dtype=torch.long), torch.zeros(new, dtype=torch.float64))
+
+    def preservation(self, plan):
+        return False, "scratch is a fresh initialization"
+
+    def tensor_plan(self, plan, tp):
+        # every axis is fresh, vocab and position included
+        tp.rows.src = torch.full_like(tp.rows.src, -1)
+        if tp.cols is not None:
+            tp.cols.src = torch.full_like(tp.cols.src, -1)
+            tp.noise_fresh = tp.init_std
+            tp.noise_mode = "absolute"
+        tp.fresh_value = 1.0 if tp.rows.role == "norm" and tp.name.endswith("weight") else 0.0
+        return tp

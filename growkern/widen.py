@@ -1,0 +1,330 @@
+"""widen_: grow a model, its optimizer state and its LR schedule in place.
+
+The data path is plan -> one primitive per parameter group -> new state:
+  1. plan_growth (or the plan given) says how every parameter grows;
+  2. everything is validated before anything changes (atomicity);
+  3. per parameter, one call of the primitive (growkern.ops) builds the new
+     parameter and its optimizer moments together, the old ones are released;
+  4. model config, module metadata and buffers follow; the schedule is set.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import schedule as schedule_mod
+from .model import GPT, Norm
+from .ops import TensorScales, WidenGroup, reference_widen
+from .plan import GrowthPlan, TensorPlan, plan_growth
+
+SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+SCHEDULES = ("continue", "rewarm")
+
+
+@dataclass
+class GrowthReport:
+    strategy: str
+    backend: str
+    dims_before: dict
+    dims_after: dict
+    params_before: int
+    params_after: int
+    bytes_allocated: int  # bytes of the new parameters and optimizer state
+    seconds: float
+    exact: bool  # the plan claims function preservation at step 0
+    preservation: dict | None = None  # max_abs_dlogits, kl_small_wide, dloss (probe_batch given)
+    notes: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        dims = "  ".join(f"{k} {self.dims_before[k]}->{self.dims_after[k]}" for k in self.dims_before)
+        lines = [
+            f"growkern.widen_  strategy={self.strategy}  backend={self.backend}",
+            f"  {dims}",
+            f"  parameters {self.params_before:,} -> {self.params_after:,}   "
+            f"new state {self.bytes_allocated / 2**20:.1f} MiB   {self.seconds * 1e3:.1f} ms",
+        ]
+        if self.preservation is not None:
+            p = self.preservation
+            lines.append(f"  step-0 preservation: max|dlogits| {p['max_abs_dlogits']:.3e}  "
+                         f"KL(small||wide) {p['kl_small_wide']:.3e}  dloss {p['dloss']:+.3e}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _dims(config) -> dict:
+    return {"d_model": config.d_model, "d_ff": config.d_ff, "n_head": config.n_head,
+            "n_kv_head": config.n_kv_head, "head_dim": config.head_dim}
+
+
+def _unwrap(model):
+    """The GPT under torch.compile / DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+# --- validation: everything that can be checked is checked before any change ----
+
+def _validate(model, optimizer, scheduler, plan: GrowthPlan, schedule: str, rewarm_steps):
+    if not isinstance(model, GPT):
+        raise TypeError(f"widen_ grows growkern.GPT models; got {type(model).__name__}. "
+                        f"Other architectures need a parameter layout (growkern.plan.parameter_layout)")
+    if plan.old != model.config:
+        raise ValueError(f"the plan was made for {plan.old}, but the model's config is {model.config}")
+    params = dict(model.named_parameters())
+    if set(params) != set(plan.tensors):
+        missing, extra = set(plan.tensors) - set(params), set(params) - set(plan.tensors)
+        raise ValueError(f"cannot map this model: parameters missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(extra)[:5]}")
+    for name, p in params.items():
+        if tuple(p.shape) != plan.tensors[name].old_shape:
+            raise ValueError(f"cannot map parameter {name}: shape {tuple(p.shape)}, the plan expects "
+                             f"{plan.tensors[name].old_shape}")
+    if optimizer is not None:
+        if type(optimizer) not in SUPPORTED_OPTIMIZERS:
+            raise TypeError(f"unsupported optimizer {type(optimizer).__name__}; allowed: "
+                            f"{', '.join(o.__name__ for o in SUPPORTED_OPTIMIZERS)}")
+        for p, st in optimizer.state.items():
+            for k, v in st.items():
+                if k in MOMENT_KEYS and torch.is_tensor(v) and v.shape != p.shape:
+                    raise ValueError(f"optimizer state {k!r} has shape {tuple(v.shape)}, its parameter "
+                                     f"{tuple(p.shape)}")
+                if k not in MOMENT_KEYS and k != "step":
+                    raise ValueError(f"optimizer state has an entry {k!r} growkern cannot map; "
+                                     f"known: {', '.join(MOMENT_KEYS)}, step")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "rewarm":
+        if scheduler is None:
+            raise ValueError("schedule='rewarm' needs the scheduler (pass scheduler=...)")
+        if isinstance(rewarm_steps, bool) or not isinstance(rewarm_steps, int) or rewarm_steps < 1:
+            raise ValueError(f"schedule='rewarm' needs rewarm_steps, an int >= 1; got {rewarm_steps!r}")
+    if scheduler is not None:
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(f"unsupported scheduler {type(scheduler).__name__}; allowed: "
+                            f"torch.optim.lr_scheduler.LRScheduler subclasses")
+        if optimizer is None or scheduler.optimizer is not optimizer:
+            raise ValueError("the scheduler must drive the optimizer passed to widen_")
+
+
+def _check_memory(model, optimizer, plan):
+    """Fail up front when the new state cannot fit on the device."""
+    need = _new_state_bytes(model, optimizer, plan)
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if need > free:
+            raise MemoryError(f"growth needs {need / 2**30:.2f} GiB of new state on {dev}, "
+                              f"{free / 2**30:.2f} GiB are free; nothing was changed")
+    return need
+
+
+def _new_state_bytes(model, optimizer, plan) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        n = math.prod(plan.tensors[name].new_shape)
+        total += n * p.element_size()
+        if optimizer is not None:
+            for k, v in optimizer.state.get(p, {}).items():
+                if k in MOMENT_KEYS and torch.is_tensor(v):
+                    total += n * v.element_size()
+    return total
+
+
+# --- the groups handed to the primitive ----------------------------------------
+
+def _rms_mapped(old: torch.Tensor, tp: TensorPlan) -> float:
+    """RMS over the non-fresh entries of the mapped (pre-noise) tensor, from the old
+    tensor alone: sum (a_r b_c x[src_r, src_c])^2 = u^T (x*x) v with u, v the summed
+    squared scales of each source index."""
+    x2 = old.detach().to(torch.float64) ** 2
+    r_ok = tp.rows.src >= 0
+    u = torch.zeros(tp.rows.old, dtype=torch.float64).index_add_(
+        0, tp.rows.src[r_ok], tp.rows.scale[r_ok] ** 2).to(x2.device)
+    if tp.cols is None:
+        total, count = (u * x2).sum(), int(r_ok.sum())
+    else:
+        c_ok = tp.cols.src >= 0
+        v = torch.zeros(tp.cols.old, dtype=torch.float64).index_add_(
+            0, tp.cols.src[c_ok], tp.cols.scale[c_ok] ** 2).to(x2.device)
+        total, count = u @ x2 @ v, int(r_ok.sum()) * int(c_ok.sum())
+    return math.sqrt(float(total) / count) if count else 0.0
+
+
+def build_group(tp: TensorPlan, param: torch.Tensor, moments: dict, strategy, seed: int) -> WidenGroup:
+    """The primitive's input for one parameter and its moments (param first)."""
+    def signs(axis):
+        n = axis.src.numel()
+        sign = axis.sign if axis.sign is not None else torch.zeros(n, dtype=torch.float64)
+        idx = axis.noise_idx if axis.noise_idx is not None else torch.arange(n)
+        return sign, idx
+
+    row_sign, _ = signs(tp.rows)
+    col_sign = noise_col = None
+    if tp.cols is not None:
+        col_sign, noise_col = signs(tp.cols)
+    group = WidenGroup(tp.rows.src, None if tp.cols is None else tp.cols.src,
+                       row_sign, col_sign, noise_col, seed)
+    sigma = sigma_fresh = 0.0
+    if tp.noise or tp.noise_fresh:
+        unit = _rms_mapped(param, tp) if tp.noise_mode == "relative" else 1.0
+        sigma, sigma_fresh = tp.noise * unit, tp.noise_fresh * unit
+    group.members.append(TensorScales(tp.rows.scale, None if tp.cols is None else tp.cols.scale,
+                                      tp.fresh_value, sigma, sigma_fresh, tp.stream))
+    m_rows, m_cols = _moment_scales(tp, strategy.moments)
+    for key in moments:
+        power = 2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1
+        group.members.append(TensorScales(m_rows ** power, None if m_cols is None else m_cols ** power))
+    return group
+
+
+def _moment_scales(tp: TensorPlan, mode: str):
+    if mode in ("exact", "asym"):
+        return tp.moment_scales()
+    kept_r = (tp.rows.src >= 0).double()
+    kept_c = None if tp.cols is None else (tp.cols.src >= 0).double()
+    if mode == "keep":
+        return kept_r, kept_c
+    return kept_r * 0, None if kept_c is None else kept_c * 0  # "zero"
+
+
+def _orthogonalize_fresh_rows(w: torch.Tensor, tp: TensorPlan) -> int:
+    """Project the fresh rows onto the orthogonal complement of the old rows' span and
+    give each the old rows' RMS. Returns how many rows found no room (left as drawn)."""
+    fresh = tp.rows.src < 0
+    if not fresh.any():
+        return 0
+    x = w.detach().to(torch.float64)
+    old_rows, new_rows = x[~fresh.to(w.device)], x[fresh.to(w.device)]
+    target = old_rows.pow(2).mean().sqrt() * math.sqrt(x.shape[1])
+    _, s, vh = torch.linalg.svd(old_rows, full_matrices=False)
+    rank = int((s > s.max() * max(x.shape) * torch.finfo(torch.float64).eps).sum()) if s.numel() else 0
+    basis = vh[:rank]
+    proj = new_rows - (new_rows @ basis.T) @ basis
+    norms = proj.norm(dim=1, keepdim=True)
+    room = norms.squeeze(1) > 1e-6 * new_rows.norm(dim=1).clamp(min=1e-300)
+    out = torch.where(room[:, None], proj / norms.clamp(min=1e-300) * target, new_rows)
+    x[fresh.to(w.device)] = out
+    w.copy_(x.to(w.dtype))
+    return int((~room).sum())
+
+
+# --- the mutation ---------------------------------------------------------------
+
+def _replace_data(p: nn.Parameter, new: torch.Tensor):
+    """p.data = new, for a new shape. Autograd caches a leaf's gradient accumulator,
+    with the old shape, for as long as any graph that used it is alive (e.g. the last
+    step's `loss`); it only drops it when the dtype or device changes. Passing through
+    an empty tensor of another dtype makes it build a fresh one on the next backward."""
+    other = torch.float32 if new.dtype != torch.float32 else torch.float64
+    p.data = torch.empty(0, dtype=other, device=new.device)
+    p.data = new
+
+
+def _sync_modules(model: GPT):
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+    model.rebuild_buffers()
+
+
+def _probe(model, probe_batch):
+    x = probe_batch[0] if isinstance(probe_batch, (tuple, list)) else probe_batch
+    y = probe_batch[1] if isinstance(probe_batch, (tuple, list)) and len(probe_batch) > 1 else None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(x)
+    model.train(was_training)
+    logits = logits.double()
+    if y is None:
+        logits, y = logits[:, :-1], x[:, 1:]
+    return logits, y
+
+
+def _preservation(small_logits, wide_logits, y) -> dict:
+    lp_s = F.log_softmax(small_logits, -1)
+    lp_w = F.log_softmax(wide_logits, -1)
+    kl = (lp_s.exp() * (lp_s - lp_w)).sum(-1).mean()
+    loss_s = F.nll_loss(lp_s.flatten(0, 1), y.flatten())
+    loss_w = F.nll_loss(lp_w.flatten(0, 1), y.flatten())
+    return {"max_abs_dlogits": float((wide_logits - small_logits).abs().max()),
+            "kl_small_wide": float(kl), "dloss": float(loss_w - loss_s),
+            "loss_small": float(loss_s), "loss_wide": float(loss_w)}
+
+
+def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = None,
+           probe_batch=None, schedule: str = "continue", rewarm_steps: int | None = None,
+           backend: str = "auto", **plan_kwargs) -> GrowthReport:
+    """Grow `model` (a growkern.GPT) in width in place, with its optimizer state and
+    LR schedule. Give a `plan` or the keywords of growkern.plan_growth (factor=,
+    d_model=, d_ff=, n_head=, strategy=, seed=, strategy options). The nn.Parameter
+    objects stay the same, so optimizer param_groups, hooks and references stay valid.
+    Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
+    t0 = time.perf_counter()
+    model = _unwrap(model)
+    if not isinstance(model, GPT):
+        raise TypeError(f"widen_ grows growkern.GPT models; got {type(model).__name__}")
+    if plan is None:
+        plan = plan_growth(model.config, **plan_kwargs)
+    elif plan_kwargs:
+        raise ValueError(f"give either plan= or plan_growth keywords, not both (got {sorted(plan_kwargs)})")
+    _validate(model, optimizer, scheduler, plan, schedule, rewarm_steps)
+    from .backends import resolve_backend
+    widen_fn, backend_name = resolve_backend(backend, next(model.parameters()).device)
+    new_bytes = _check_memory(model, optimizer, plan)
+    if probe_batch is not None:
+        small_logits, probe_y = _probe(model, probe_batch)
+    params_before = model.num_params()
+    dims_before = _dims(model.config)
+    notes = []
+    no_room = 0
+
+    # --- from here on, state changes ---
+    strategy = plan.strategy
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            tp = plan.tensors[name]
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            moments = {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
+            group = build_group(tp, p, moments, strategy, plan.seed)
+            outs = widen_fn([p.data, *moments.values()], group)
+            _replace_data(p, outs[0])
+            if tp.orthogonalize_fresh_rows:
+                no_room += _orthogonalize_fresh_rows(p.data, tp)
+            for key, new in zip(moments, outs[1:]):
+                state[key] = new
+            if strategy.reset_step and "step" in state:
+                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+            if p.grad is not None:
+                p.grad = None  # a gradient of the old shape is meaningless now
+    if no_room:
+        notes.append(f"{no_room} new fan-in rows had no room orthogonal to the old rows "
+                     f"(the old rows span their fan-in space) and stay as drawn")
+    model.config = plan.new
+    _sync_modules(model)
+    if scheduler is not None and schedule == "rewarm":
+        schedule_mod.rewarm_(scheduler, rewarm_steps)
+
+    report = GrowthReport(
+        strategy=strategy.describe(), backend=backend_name, dims_before=dims_before,
+        dims_after=_dims(plan.new), params_before=params_before, params_after=model.num_params(),
+        bytes_allocated=new_bytes, seconds=time.perf_counter() - t0, exact=plan.exact, notes=notes)
+    if not plan.exact:
+        notes.append(f"not function preserving at step 0: {plan.not_exact_because}")
+    if probe_batch is not None:
+        wide_logits, _ = _probe(model, probe_batch)
+        report.preservation = _preservation(small_logits, wide_logits, probe_y)
+    return report
