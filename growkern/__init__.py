@@ -3,6 +3,8 @@ from .backends import backends
 from .model import GPT, GPTConfig
 from .plan import DimMap, GrowthPlan, plan_growth
 from .strategies import Strategy, register_strategy, strategies
+from . import schedule
+from . import widen as widen_module
 from .widen import GrowthReport, widen_
 
 __version__ = "0.1.0"

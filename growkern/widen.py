@@ -121,12 +121,24 @@ def _check_memory(model, optimizer, plan):
     """Fail up front when the new state cannot fit on the device."""
     need = _new_state_bytes(model, optimizer, plan)
     dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        if need > free:
-            raise MemoryError(f"growth needs {need / 2**30:.2f} GiB of new state on {dev}, "
-                              f"{free / 2**30:.2f} GiB are free; nothing was changed")
+    free = _free_bytes(dev)
+    if free is not None and need > free:
+        raise MemoryError(f"growth needs {need / 2**30:.2f} GiB of new state on {dev}, "
+                          f"{free / 2**30:.2f} GiB are free; nothing was changed")
     return need
+
+
+def _free_bytes(dev: torch.device) -> int | None:
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _new_state_bytes(model, optimizer, plan) -> int:

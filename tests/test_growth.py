@@ -49,7 +49,8 @@ GRID = list(itertools.product(
 @pytest.mark.parametrize("norm,mlp,pos,tie,factor", GRID)
 @pytest.mark.parametrize("strategy", ["exact_copy", "perturb", "asym_reset", "structured"])
 def test_preservation_grid(norm, mlp, pos, tie, factor, strategy):
-    m = make(norm=norm, mlp=mlp, pos=pos, tie_embeddings=tie, bias=(norm == "layernorm"), n_kv_head=1)
+    # 4 query heads over 2 kv heads (GQA), head_dim 4: factor 1.5 gives d_model 24, 6 heads
+    m = make(norm=norm, mlp=mlp, pos=pos, tie_embeddings=tie, bias=(norm == "layernorm"), n_head=4, n_kv_head=2)
     opt = trained(m)
     x = batch()
     before = logits(m, x)
@@ -59,7 +60,8 @@ def test_preservation_grid(norm, mlp, pos, tie, factor, strategy):
     assert plan.exact == (norm == "rmsnorm" or not padded)
     rep = widen_(m, opt, plan=plan, probe_batch=x)
     after = logits(m, x)
-    assert m.config.d_model > 16 and m.config.d_ff > 24 and m.config.n_head > 2
+    assert m.config.d_model == round(16 * factor) and m.config.d_ff == round(24 * factor)
+    assert m.config.n_head == round(4 * factor) and m.config.n_kv_head == round(2 * factor)
     if plan.exact:
         assert (after - before).abs().max() <= 1e-5 * before.abs().max()
         assert rep.preservation["kl_small_wide"] < 1e-12
@@ -438,3 +440,14 @@ def test_parameters_keep_identity_and_report():
     _, loss = m(x[:, :-1], x[:, 1:])
     loss.backward()
     assert hook_calls == [torch.Size([48, 32])]
+
+
+def test_growth_that_does_not_fit_fails_up_front(monkeypatch):
+    m = make(dtype=torch.float32)
+    opt = trained(m)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    before = snapshot(m, opt, sched)
+    monkeypatch.setattr(growkern.widen_module, "_free_bytes", lambda dev: 1000)
+    with pytest.raises(MemoryError, match="nothing was changed"):
+        widen_(m, opt, sched, factor=2)
+    assert_same(before, snapshot(m, opt, sched))
