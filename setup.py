@@ -77,7 +77,7 @@ def _extension_setup():
     extra = {"cxx": cxx}
     if with_cuda:
         sources.append(f"{csrc}/widen_cuda.cu")
-        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", f"-DGK_WITH_CUDA=1"]
+        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DGK_WITH_CUDA=1"]
         ext = ce.CUDAExtension("growkern._C", sources, extra_compile_args=extra,
                                include_dirs=[str(ROOT / csrc)])
     else:

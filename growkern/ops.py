@@ -19,7 +19,7 @@ the noise layout, and differ in scales, fresh value and sigma; a WidenGroup
 holds them together so one pass can read the old parameter and its moments and
 write the new ones. This module is the specification: every backend must
 match `reference_widen` (noise bit for bit in the integer stream, floats to
-the bound stated in tests/test_ops.py).
+the bound stated in tests/test_kernels.py).
 """
 from __future__ import annotations
 

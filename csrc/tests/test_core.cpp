@@ -1,0 +1,222 @@
+// Unit test of the libtorch-free core: Philox4x32-10 known-answer vectors
+// (Random123's kat_vectors), 16-bit conversions, and the CPU widen core against
+// a naive double loop of the specification (growkern/ops.py), chunking included.
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <random>
+#include <vector>
+
+#include "philox.h"
+#include "widen_core.h"
+
+using namespace growkern;
+
+static int g_failures = 0;
+static int g_checks = 0;
+#define CHECK(cond, ...)                                  \
+  do {                                                    \
+    ++g_checks;                                           \
+    if (!(cond)) {                                        \
+      ++g_failures;                                       \
+      printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      printf(__VA_ARGS__);                                \
+      printf("\n");                                       \
+    }                                                     \
+  } while (0)
+
+static void test_kat() {
+  struct Kat {
+    uint32_t ctr[4], key[2], out[4];
+  };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const auto& k : kats) {
+    const Philox4 p = philox4x32(k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3], k.key[0], k.key[1]);
+    for (int i = 0; i < 4; ++i)
+      CHECK(p.x[i] == k.out[i], "word %d: got %08x want %08x", i, p.x[i], k.out[i]);
+  }
+  // philox_words_batch is the same stream
+  const int64_t rows[2] = {0, 0xffffffffLL}, cols[2] = {0, 0xffffffffLL};
+  int64_t out[8];
+  philox_words_batch(0, 0, rows, cols, 2, out);
+  CHECK(out[0] == 0x6627e8d5 && out[3] == 0x9b00dbd8, "batch words %llx", (long long)out[0]);
+}
+
+static void test_conversions() {
+  CHECK(float_to_bf16(1.0f).bits == 0x3F80, "bf16(1)");
+  CHECK(float_to_bf16(1.0f + 0x1p-8f).bits == 0x3F80, "bf16 tie to even (down)");
+  CHECK(float_to_bf16(1.0f + 3 * 0x1p-8f).bits == 0x3F82, "bf16 tie to even (up)");
+  CHECK(float_to_bf16(-2.5f).bits == 0xC020, "bf16(-2.5)");
+  CHECK(float_to_f16(1.0f).bits == 0x3C00, "f16(1)");
+  CHECK(float_to_f16(65520.f).bits == 0x7C00, "f16 overflow to inf");
+  CHECK(float_to_f16(0x1p-24f).bits == 0x0001, "f16 smallest subnormal");
+  CHECK(f16_to_float(f16_t{0x0001}) == 0x1p-24f, "f16 subnormal to float");
+  CHECK(f16_to_float(f16_t{0xC000}) == -2.0f, "f16(-2)");
+  CHECK(f16_to_float(f16_t{0x7BFF}) == 65504.f, "f16 max");
+  for (uint32_t b = 0; b < 0x7C00; b += 7) {  // round trip of finite halfs
+    const f16_t h{(uint16_t)b};
+    CHECK(float_to_f16(f16_to_float(h)).bits == b, "f16 round trip %04x", b);
+  }
+}
+
+// The specification in double: z as growkern/philox.py computes it.
+// rho = sqrt(-2 ln u1) >= |z| is the Box-Muller radius: the error bound is relative to it.
+static double naive_normal(uint32_t seed, uint32_t stream, uint32_t row, uint32_t col, double* rho = nullptr) {
+  const Philox4 p = philox4x32(row, col, 0, 0, seed, stream);
+  const double u1 = ((double)p.x[0] + 1.0) * 0x1p-32;
+  const double u2 = (double)p.x[1] * 0x1p-32;
+  if (rho) *rho = sqrt(-2.0 * log(u1));
+  return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
+}
+
+template <typename S>
+double to_double(S x) {
+  return (double)Traits<S>::load(x);
+}
+
+template <typename S>
+double ulp_of(double v);
+template <>
+double ulp_of<float>(double v) { return v == 0 ? 0x1p-149 : fmax(ldexp(1.0, ilogb(v) - 23), 0x1p-149); }
+template <>
+double ulp_of<double>(double v) { return v == 0 ? 0x1p-1074 : ldexp(1.0, ilogb(v) - 52); }
+template <>
+double ulp_of<f16_t>(double v) { return v == 0 ? 0x1p-24 : fmax(ldexp(1.0, ilogb(v) - 10), 0x1p-24); }
+template <>
+double ulp_of<bf16_t>(double v) { return v == 0 ? 0x1p-133 : fmax(ldexp(1.0, ilogb(v) - 7), 0x1p-133); }
+
+template <typename S>
+static void test_core_against_naive(bool two_d, const char* name) {
+  using acc_t = typename Traits<S>::acc_t;
+  // compute error allowance, relative to |x a b| + |coef| rho (the bound of tests/test_kernels.py)
+  const double u_acc = sizeof(acc_t) == 8 ? 0x1p-48 : 0x1p-20;
+  std::mt19937_64 rng(1234 + (two_d ? 1 : 0) + sizeof(S));
+  std::uniform_real_distribution<double> uni(-2.0, 2.0);
+  const int64_t R0 = 5, C0 = two_d ? 7 : 1, R = 11, C = two_d ? 13 : 1;
+  const int M = 3;
+  std::vector<int64_t> row_src(R), col_src(C), noise_col(C);
+  std::vector<acc_t> row_sign(R), col_sign(C);
+  for (int64_t r = 0; r < R; ++r) {
+    row_src[r] = (int64_t)(rng() % (R0 + 1)) - 1;
+    row_sign[r] = (acc_t)((int)(rng() % 3) - 1);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    col_src[c] = (int64_t)(rng() % (C0 + 1)) - 1;
+    col_sign[c] = (acc_t)((int)(rng() % 3) - 1);
+    noise_col[c] = (int64_t)(rng() % C);
+  }
+  std::vector<std::vector<S>> src(M, std::vector<S>(R0 * C0));
+  std::vector<std::vector<acc_t>> rsc(M, std::vector<acc_t>(R)), csc(M, std::vector<acc_t>(C));
+  std::vector<std::vector<S>> dst(M, std::vector<S>(R * C)), dst2(M, std::vector<S>(R * C));
+  for (int m = 0; m < M; ++m) {
+    for (auto& x : src[m]) x = Traits<S>::store((acc_t)uni(rng));
+    for (auto& x : rsc[m]) x = (acc_t)uni(rng);
+    for (auto& x : csc[m]) x = (acc_t)uni(rng);
+  }
+  GroupMaps<acc_t> g;
+  g.R = R;
+  g.C = C;
+  g.two_d = two_d;
+  g.row_src = row_src.data();
+  g.col_src = col_src.data();
+  g.noise_col = noise_col.data();
+  g.row_sign = row_sign.data();
+  g.col_sign = col_sign.data();
+  g.seed = 0xDEADBEEFu;
+  std::vector<Member<S>> ms(M), ms2(M);
+  const double fresh[M] = {0.25, 0.0, -1.5}, sigma[M] = {0.5, 0.0, 0.0}, sf[M] = {0.75, 0.0, 2.0};
+  for (int m = 0; m < M; ++m) {
+    Member<S> mm;
+    mm.src = src[m].data();
+    mm.dst = dst[m].data();
+    mm.src_stride0 = C0;
+    mm.src_stride1 = 1;
+    mm.row_scale = rsc[m].data();
+    mm.col_scale = csc[m].data();
+    mm.fresh_value = (acc_t)fresh[m];
+    mm.sigma = (acc_t)sigma[m];
+    mm.sigma_fresh = (acc_t)sf[m];
+    mm.stream = 77u + (uint32_t)m;
+    mm.noisy = sigma[m] != 0 || sf[m] != 0;
+    ms[m] = mm;
+    mm.dst = dst2[m].data();
+    ms2[m] = mm;
+  }
+  widen_rows<S>(g, ms.data(), M, 0, R);
+  // chunked: the same bits whatever the row split
+  widen_rows<S>(g, ms2.data(), M, 0, 1);
+  widen_rows<S>(g, ms2.data(), M, 1, 4);
+  widen_rows<S>(g, ms2.data(), M, 4, R);
+  for (int m = 0; m < M; ++m)
+    CHECK(memcmp(dst[m].data(), dst2[m].data(), sizeof(S) * R * C) == 0, "%s: chunking changed bits", name);
+
+  double worst = 0;
+  for (int m = 0; m < M; ++m) {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t rs = row_src[r], cs = two_d ? col_src[c] : 0;
+        const bool ok = rs >= 0 && cs >= 0;
+        double base = fresh[m], coef = sf[m];
+        if (ok) {
+          base = to_double(src[m][rs * C0 + cs]) * (double)rsc[m][r] * (two_d ? (double)csc[m][c] : 1.0);
+          coef = sigma[m] * (double)row_sign[r] * (two_d ? (double)col_sign[c] : 1.0);
+        }
+        double noise = 0, rho = 0;
+        if (ms[m].noisy)
+          noise = coef * naive_normal(g.seed, ms[m].stream, (uint32_t)r, two_d ? (uint32_t)noise_col[c] : 0u, &rho);
+        const double want = base + noise;
+        const double got = to_double(dst[m][r * C + c]);
+        const double tol = ulp_of<S>(fabs(want)) + u_acc * (fabs(base) + fabs(coef) * rho);
+        const double err = fabs(got - want);
+        if (tol > 0) worst = fmax(worst, err / tol);
+        CHECK(err <= tol, "%s m=%d r=%lld c=%lld: got %.17g want %.17g (tol %.3g)", name, m, (long long)r,
+              (long long)c, got, want, tol);
+      }
+    }
+  }
+  printf("  %-12s worst error / bound = %.3f\n", name, worst);
+}
+
+// z alone (fresh entries, sigma_fresh = 1) against the double formula, over many counters.
+static void test_normal_accuracy() {
+  double worst32 = 0, worst64 = 0;
+  for (uint32_t i = 0; i < 200000; ++i) {
+    double rho;
+    const double want = naive_normal(7, 11, i, i * 2654435761u, &rho);
+    const double z32 = philox_normal_f32(7, 11, i, i * 2654435761u);
+    const double z64 = philox_normal_f64(7, 11, i, i * 2654435761u);
+    // float32: relative to |z| itself (exact angle reduction, log1p near u1 = 1);
+    // float64: relative to rho, since the reference's own 2 pi u2 rounds (2^-50 in the angle)
+    worst32 = fmax(worst32, fabs(z32 - want) / (fabs(want) * 0x1p-21 + rho * 0x1p-40));
+    worst64 = fmax(worst64, fabs(z64 - want) / (rho * 0x1p-48));
+  }
+  printf("  normal: worst float32 error / (2^-21 |z|) = %.3f, float64 / (2^-48 rho) = %.3f\n", worst32,
+         worst64);
+  CHECK(worst32 <= 1.0, "float32 normal error %.3f of bound", worst32);
+  CHECK(worst64 <= 1.0, "float64 normal error %.3f of bound", worst64);
+}
+
+int main() {
+  test_kat();
+  test_conversions();
+  test_normal_accuracy();
+  test_core_against_naive<float>(true, "float32 2-D");
+  test_core_against_naive<float>(false, "float32 1-D");
+  test_core_against_naive<double>(true, "float64 2-D");
+  test_core_against_naive<double>(false, "float64 1-D");
+  test_core_against_naive<f16_t>(true, "float16 2-D");
+  test_core_against_naive<f16_t>(false, "float16 1-D");
+  test_core_against_naive<bf16_t>(true, "bfloat16 2-D");
+  test_core_against_naive<bf16_t>(false, "bfloat16 1-D");
+  printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures ? 1 : 0;
+}

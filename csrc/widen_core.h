@@ -1,0 +1,266 @@
+// The per-element core of growkern's widen primitive (growkern/ops.py), on raw
+// pointers, shared by the CPU kernel (widen_core.cpp), the CUDA kernel
+// (widen_cuda.cu) and the CMake unit test. No ATen dependency.
+//
+// For the new tensor's entry (r, c) and one member m of a group:
+//     ok    = row_src[r] >= 0 && col_src[c] >= 0
+//     base  = ok ? src[row_src[r], col_src[c]] * row_scale[r] * col_scale[c] : fresh_value
+//     coef  = ok ? sigma * row_sign[r] * col_sign[c] : sigma_fresh
+//     dst   = noisy ? base + coef * N(seed, stream, r, noise_col[c]) : base
+// with noisy = (sigma != 0 || sigma_fresh != 0), all in acc_t (float for
+// float32/float16/bfloat16 tensors, double for float64), rounded once to the
+// tensor's dtype. A 1-D tensor is the case C = 1 with no column maps and noise
+// column 0.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "philox.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace growkern {
+
+// ---- storage types and their conversions -------------------------------------
+
+// 16-bit storage, layout-compatible with c10::Half / c10::BFloat16.
+struct alignas(2) f16_t {
+  uint16_t bits;
+};
+struct alignas(2) bf16_t {
+  uint16_t bits;
+};
+
+GK_HD uint32_t f32_as_u32(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+GK_HD float u32_as_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// IEEE half <-> float, round to nearest even (the algorithm of c10/util/Half.h).
+GK_HD float f16_to_float(f16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h.bits));
+#else
+  const uint32_t w = (uint32_t)h.bits << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t exp_offset = 0xE0u << 23;
+  const float normalized = u32_as_f32((two_w >> 4) + exp_offset) * 0x1p-112f;
+  const uint32_t magic_mask = 126u << 23;
+  const float denormalized = u32_as_f32((two_w >> 17) | magic_mask) - 0.5f;
+  const uint32_t denormalized_cutoff = 1u << 27;
+  const uint32_t result =
+      sign | (two_w < denormalized_cutoff ? f32_as_u32(denormalized) : f32_as_u32(normalized));
+  return u32_as_f32(result);
+#endif
+}
+
+GK_HD f16_t float_to_f16(float f) {
+  f16_t h;
+#if defined(__CUDA_ARCH__)
+  h.bits = __half_as_ushort(__float2half_rn(f));
+#else
+  float base = (fabsf(f) * 0x1p+112f) * 0x1p-110f;
+  const uint32_t w = f32_as_u32(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = u32_as_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_as_u32(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  h.bits = (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+  return h;
+}
+
+GK_HD float bf16_to_float(bf16_t b) { return u32_as_f32((uint32_t)b.bits << 16); }
+
+GK_HD bf16_t float_to_bf16(float f) {
+  bf16_t b;
+#if defined(__CUDA_ARCH__)
+  b.bits = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  const uint32_t u = f32_as_u32(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+    b.bits = (uint16_t)((u >> 16) | 0x0040u);  // quiet NaN, sign kept
+  } else {
+    b.bits = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+  }
+#endif
+  return b;
+}
+
+template <typename scalar_t>
+struct Traits;
+template <>
+struct Traits<float> {
+  using acc_t = float;
+  static GK_HD float load(float x) { return x; }
+  static GK_HD float store(float x) { return x; }
+};
+template <>
+struct Traits<double> {
+  using acc_t = double;
+  static GK_HD double load(double x) { return x; }
+  static GK_HD double store(double x) { return x; }
+};
+template <>
+struct Traits<f16_t> {
+  using acc_t = float;
+  static GK_HD float load(f16_t x) { return f16_to_float(x); }
+  static GK_HD f16_t store(float x) { return float_to_f16(x); }
+};
+template <>
+struct Traits<bf16_t> {
+  using acc_t = float;
+  static GK_HD float load(bf16_t x) { return bf16_to_float(x); }
+  static GK_HD bf16_t store(float x) { return float_to_bf16(x); }
+};
+
+// ---- the arguments -----------------------------------------------------------
+
+// What the members of a group share. Index maps are int64; the noise counter of
+// column c is noise_col[c] (taken mod 2^32, validated >= 0 by the caller).
+template <typename acc_t>
+struct GroupMaps {
+  int64_t R = 0;
+  int64_t C = 1;        // 1 for a 1-D tensor
+  bool two_d = false;   // col_* are used only when true
+  const int64_t* row_src = nullptr;
+  const int64_t* col_src = nullptr;
+  const int64_t* noise_col = nullptr;
+  const acc_t* row_sign = nullptr;
+  const acc_t* col_sign = nullptr;
+  uint32_t seed = 0;
+};
+
+// One member (the parameter or a moment): its old tensor, its new tensor
+// (contiguous, R x C) and what differs between members.
+template <typename scalar_t>
+struct Member {
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  const scalar_t* src = nullptr;
+  scalar_t* dst = nullptr;
+  int64_t src_stride0 = 0;  // elements
+  int64_t src_stride1 = 0;  // elements (2-D only)
+  const acc_t* row_scale = nullptr;
+  const acc_t* col_scale = nullptr;  // 2-D only
+  acc_t fresh_value = 0;
+  acc_t sigma = 0;
+  acc_t sigma_fresh = 0;
+  uint32_t stream = 0;
+  bool noisy = false;  // sigma != 0 || sigma_fresh != 0
+};
+
+// ---- the CPU row loop ----------------------------------------------------------
+
+// Rows [r0, r1) of every member (same dtype). Deterministic per element: the
+// result does not depend on how rows are split between threads.
+template <typename scalar_t>
+void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
+                const Member<scalar_t>* members, int n_members, int64_t r0, int64_t r1) {
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  using T = Traits<scalar_t>;
+  const acc_t zero_tag = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t rs = g.row_src[r];
+    const uint32_t nrow = (uint32_t)r;
+    for (int mi = 0; mi < n_members; ++mi) {
+      const Member<scalar_t>& m = members[mi];
+      scalar_t* out = m.dst + r * g.C;
+      const acc_t fresh = m.fresh_value;
+      const acc_t sf = m.sigma_fresh;
+      if (!g.two_d) {
+        acc_t v;
+        if (rs >= 0) {
+          v = T::load(m.src[rs * m.src_stride0]) * m.row_scale[r];
+          if (m.noisy)
+            v += (m.sigma * g.row_sign[r]) * philox_normal(g.seed, m.stream, nrow, 0u, zero_tag);
+        } else {
+          v = fresh;
+          if (m.noisy) v += sf * philox_normal(g.seed, m.stream, nrow, 0u, zero_tag);
+        }
+        out[0] = T::store(v);
+        continue;
+      }
+      const int64_t C = g.C;
+      if (rs < 0) {  // a fresh row
+        if (m.noisy) {
+          for (int64_t c = 0; c < C; ++c)
+            out[c] = T::store(fresh + sf * philox_normal(g.seed, m.stream, nrow,
+                                                         (uint32_t)g.noise_col[c], zero_tag));
+        } else {
+          const scalar_t f = T::store(fresh);
+          for (int64_t c = 0; c < C; ++c) out[c] = f;
+        }
+        continue;
+      }
+      const scalar_t* srow = m.src + rs * m.src_stride0;
+      const int64_t s1 = m.src_stride1;
+      const acc_t a = m.row_scale[r];
+      const acc_t* cscale = m.col_scale;
+      const int64_t* csrc = g.col_src;
+      if (m.noisy) {
+        const acc_t sr = m.sigma * g.row_sign[r];
+        const acc_t* csign = g.col_sign;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t cs = csrc[c];
+          const acc_t z = philox_normal(g.seed, m.stream, nrow, (uint32_t)g.noise_col[c], zero_tag);
+          acc_t v;
+          if (cs >= 0)
+            v = T::load(srow[cs * s1]) * a * cscale[c] + (sr * csign[c]) * z;
+          else
+            v = fresh + sf * z;
+          out[c] = T::store(v);
+        }
+      } else {
+        const scalar_t f = T::store(fresh);
+        if (s1 == 1) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t cs = csrc[c];
+            out[c] = cs >= 0 ? T::store(T::load(srow[cs]) * a * cscale[c]) : f;
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t cs = csrc[c];
+            out[c] = cs >= 0 ? T::store(T::load(srow[cs * s1]) * a * cscale[c]) : f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Instantiated in widen_core.cpp (the growkern_core library).
+extern template void widen_rows<float>(const GroupMaps<float>&, const Member<float>*, int, int64_t, int64_t);
+extern template void widen_rows<double>(const GroupMaps<double>&, const Member<double>*, int, int64_t, int64_t);
+extern template void widen_rows<f16_t>(const GroupMaps<float>&, const Member<f16_t>*, int, int64_t, int64_t);
+extern template void widen_rows<bf16_t>(const GroupMaps<float>&, const Member<bf16_t>*, int, int64_t, int64_t);
+
+// x0..x3 of Philox4x32-10((rows[i], cols[i], 0, 0), (seed, stream)) into out[4 i + k]
+// (as int64 in [0, 2^32)). For tests of the integer stream.
+void philox_words_batch(uint32_t seed, uint32_t stream, const int64_t* rows, const int64_t* cols,
+                        int64_t n, int64_t* out);
+
+}  // namespace growkern

@@ -1,0 +1,130 @@
+"""growkern._C: loading it, the ops' fake (meta) implementations, the backend call.
+
+The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
+
+  widen_group(Tensor[] srcs, Tensor row_src, Tensor? col_src, Tensor[] row_scales,
+              Tensor[] col_scales, float[] fresh_values, float[] sigmas,
+              float[] sigma_fresh, Tensor row_sign, Tensor? col_sign,
+              Tensor? noise_col, int seed, int[] streams) -> Tensor[]
+      One call widens a parameter and all its moments (srcs, in member order)
+      with the group's shared maps; col_src None means 1-D tensors (then
+      col_scales is empty). Index maps are int64 (-1 = fresh), scales and signs
+      any float dtype (used as float32, float64 for float64 sources). The maps
+      may live on the CPU for CUDA sources: they are packed and moved in one copy.
+      Implementations: CPU (at::parallel_for over rows) and CUDA (one launch per
+      dtype for up to 4 members).
+  philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor
+      Philox4x32-10((rows, cols, 0, 0), (seed, stream)) as int64 [..., 4]: the
+      raw integer stream, for tests.
+"""
+from __future__ import annotations
+
+import torch
+
+_state: dict = {}
+
+
+def _build_reason() -> str:
+    try:
+        from .. import _build_info as bi
+        if getattr(bi, "REASON", ""):
+            return f" (setup.py: {bi.REASON})"
+    except Exception:
+        pass
+    return ""
+
+
+def load():
+    """The extension module, or None; the reason is in `load_error()`."""
+    if "mod" in _state:
+        return _state["mod"]
+    try:
+        from .. import _C as mod
+    except Exception as e:  # not built, or built against another torch
+        _state["mod"] = None
+        _state["err"] = (f"growkern._C is not importable: {e}{_build_reason()}; build it with "
+                         f"pip install --no-build-isolation -e .")
+        return None
+    try:
+        _register_fakes()
+    except Exception as e:  # pragma: no cover - very old torch
+        _state["fake_err"] = repr(e)
+    _state["mod"] = mod
+    _state["err"] = ""
+    return mod
+
+
+def load_error() -> str:
+    load()
+    return _state.get("err", "")
+
+
+def with_cuda() -> bool:
+    mod = load()
+    return bool(mod is not None and getattr(mod, "WITH_CUDA", 0))
+
+
+def _register_fakes():
+    if getattr(torch.library, "register_fake", None) is None:
+        return
+
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
+
+    @torch.library.register_fake("growkern::widen_group")
+    def _widen_group_fake(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
+                          sigma_fresh, row_sign, col_sign, noise_col, seed, streams):
+        R = row_src.shape[0]
+        shape = (R,) if col_src is None else (R, col_src.shape[0])
+        return [s.new_empty(shape) for s in srcs]
+
+    @torch.library.register_fake("growkern::philox_words")
+    def _philox_words_fake(rows, cols, seed, stream):
+        return rows.new_empty((*rows.shape, 4))
+
+
+def op_args(tensors, group):
+    """The widen_group arguments for backend-style (tensors, group)."""
+    ms = group.members
+    if len(tensors) != len(ms):
+        raise ValueError(f"widen: {len(tensors)} tensors for {len(ms)} members")
+    two_d = group.col_src is not None
+    return ([t.detach() for t in tensors], group.row_src, group.col_src,
+            [m.row_scale for m in ms], [m.col_scale for m in ms] if two_d else [],
+            [float(m.fresh_value) for m in ms], [float(m.sigma) for m in ms],
+            [float(m.sigma_fresh) for m in ms], group.row_sign,
+            group.col_sign if two_d else None, group.noise_col if two_d else None,
+            int(group.seed), [int(m.stream) for m in ms])
+
+
+def widen_ext(tensors, group) -> list[torch.Tensor]:
+    """The backend function of "cpu" and "cuda": one op call for the whole group."""
+    if load() is None:
+        raise RuntimeError(load_error())
+    return list(torch.ops.growkern.widen_group(*op_args(tensors, group)))
+
+
+def philox_words(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    if load() is None:
+        raise RuntimeError(load_error())
+    return torch.ops.growkern.philox_words(rows, cols, seed, stream)
+
+
+def widen_cpu(tensors, group) -> list[torch.Tensor]:
+    """The "cpu" backend: the C++ kernels, CPU tensors only."""
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the cpu backend takes CPU tensors; use backend='cuda'/'triton'/'auto' for GPU ones")
+    return widen_ext(tensors, group)
+
+
+def widen_cuda(tensors, group) -> list[torch.Tensor]:
+    """The "cuda" backend: the CUDA kernels, CUDA tensors only."""
+    if any(t.device.type != "cuda" for t in tensors):
+        raise ValueError("the cuda backend takes CUDA tensors")
+    return widen_ext(tensors, group)
+
+
+# growkern._C names this module as the home of its fake implementations
+# (set_python_module): importing it registers them when the extension is loaded.
+load()
