@@ -1,0 +1,422 @@
+"""Full-state checkpoints: everything needed to continue a run exactly, or grow it.
+
+A checkpoint is a directory:
+
+    meta.json          format, step, GPTConfig, TrainConfig, tokenizer reference,
+                       growth history, parameter names, and the size and sha256 of
+                       every other file (written last: its presence marks completion)
+    model.safetensors  weights (model.pt when safetensors is not installed)
+    optimizer.pt       optimizer.state_dict()
+    state.pt           scheduler.state_dict(), RNG states (torch, CUDA, numpy,
+                       python), data cursor (Batches.state_dict())
+    tokenizer.json     a copy of the tokenizer, so eval/sample need no cache
+
+Saving writes a hidden temporary directory beside the target and swaps it in with
+one rename, so a crash at any point leaves either the old checkpoint or the new one,
+never a mix. Loading checks everything it can and names what is wrong.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import schedule as schedule_mod
+from .model import GPT, GPTConfig
+from .train import LRSchedule, TrainConfig, build_optimizer, build_scheduler, make_batches
+
+FORMAT = 1
+META = "meta.json"
+WEIGHTS_ST, WEIGHTS_PT = "model.safetensors", "model.pt"
+OPTIMIZER, STATE, TOKENIZER = "optimizer.pt", "state.pt", "tokenizer.json"
+REQUIRED_META = ("format", "step", "gpt_config", "train_config", "files", "weights",
+                 "param_names", "growth_history")
+
+try:
+    import safetensors.torch as _st
+except ImportError:  # optional: torch.save is the fallback
+    _st = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or inconsistent; the message says what."""
+
+
+# --- RNG ------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG a run draws from, in a form torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# --- writing --------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(directory: Path, model: GPT) -> str:
+    # named_parameters lists a tied tensor once, which safetensors requires
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    tensors.update({n: b.detach().contiguous() for n, b in model.named_buffers()
+                    if n in model.state_dict()})  # persistent buffers only
+    if _st is not None:
+        _st.save_file(tensors, str(directory / WEIGHTS_ST))
+        return WEIGHTS_ST
+    torch.save(tensors, directory / WEIGHTS_PT)
+    return WEIGHTS_PT
+
+
+def _write_torch(path: Path, obj) -> None:
+    torch.save(obj, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def file_entry(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    system cannot, so the caller falls back to two renames."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _to_dict(x):
+    return asdict(x) if is_dataclass(x) else dict(x)
+
+
+def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainConfig,
+         batches=None, data_state: dict | None = None, tokenizer: dict | None = None,
+         tokenizer_file=None,
+         growth_history=(), rng: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a full-state checkpoint to directory `path`, atomically replacing any
+    checkpoint there. `batches`: the training stream (its cursor is saved);
+    `tokenizer`: a reference such as tokenizer_ref(corpus) (path, cache key, vocab);
+    `tokenizer_file`: a tokenizer.json to copy in (default: tokenizer['path']);
+    `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states."""
+    from .train import unwrap
+    path = Path(path)
+    model = unwrap(model)
+    # load() rebuilds both from the TrainConfig, so they must be the ones it would build
+    if any("param_names" not in g for g in optimizer.param_groups):
+        raise ValueError("save() needs the optimizer of growkern.train.build_optimizer "
+                         "(its param groups carry the parameter names)")
+    if not (isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+            and all(isinstance(f, LRSchedule) for f in scheduler.lr_lambdas)):
+        raise ValueError("save() needs the scheduler of growkern.train.build_scheduler "
+                         "(a LambdaLR of LRSchedule)")
+    if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not a growkern checkpoint; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights = _write_weights(tmp, model)
+        _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
+        _write_torch(tmp / STATE, {
+            "scheduler": scheduler.state_dict(),
+            "rng": rng if rng is not None else rng_state(),
+            "data": batches.state_dict() if batches is not None else data_state,
+        })
+        tok_src = tokenizer_file or (tokenizer or {}).get("path")
+        if tok_src and Path(tok_src).is_file():
+            shutil.copyfile(tok_src, tmp / TOKENIZER)
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            _fsync(f)
+            files[f.name] = file_entry(f)
+        meta = {
+            "format": FORMAT, "step": int(step),
+            "gpt_config": model.config.to_dict(), "train_config": train_config.to_dict(),
+            "tokenizer": tokenizer, "growth_history": [_to_dict(r) for r in growth_history],
+            "weights": weights,
+            "param_names": [g.get("param_names") for g in optimizer.param_groups],
+            "torch": torch.__version__, "files": files, "extra": extra or {},
+        }
+        _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
+        _fsync(tmp / META)
+        _fsync(tmp)
+        if path.exists():
+            if not _exchange(tmp, path):  # now tmp holds the old checkpoint
+                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# --- reading --------------------------------------------------------------------
+
+def resolve(path) -> Path:
+    """The checkpoint directory for `path`: the checkpoint itself or a run directory
+    holding one in ckpt/."""
+    path = Path(path)
+    for cand in (path, path / "ckpt"):
+        if (cand / META).is_file():
+            return cand
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: it does not exist")
+    raise CheckpointError(f"{path} is not a growkern checkpoint (no {META} in it or in {path / 'ckpt'}); "
+                          f"an interrupted save leaves no directory, so this is another kind of directory")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model: GPT
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    gpt_config: GPTConfig
+    train_config: TrainConfig
+    rng: dict
+    data: dict | None
+    tokenizer: dict | None
+    growth_history: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        f = self.path / TOKENIZER
+        return f if f.is_file() else None
+
+    def restore_rng(self) -> None:
+        """Put every RNG back where it was at save time (needed for exact resume)."""
+        set_rng_state(self.rng)
+
+    def batches(self, tokens, train_config: TrainConfig | None = None):
+        """The training stream at the saved cursor. With a train_config that differs
+        from the saved one (e.g. another regime), its order and the saved cursor."""
+        b = make_batches(tokens, train_config or self.train_config)
+        if self.data is not None:
+            if train_config is None:
+                b.load_state_dict(self.data)
+            else:
+                b.step = int(self.data["step"])
+        return b
+
+
+def _err(path, msg):
+    return CheckpointError(f"checkpoint {path}: {msg}")
+
+
+def read_meta(path) -> tuple[Path, dict]:
+    path = resolve(path)
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise _err(path, f"{META} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _err(path, f"{META} must hold an object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise _err(path, f"{META} lacks key(s) {missing}")
+    if meta["format"] != FORMAT:
+        raise _err(path, f"format {meta['format']!r}, this growkern reads format {FORMAT}")
+    return path, meta
+
+
+def _check_files(path: Path, meta: dict, verify: bool) -> None:
+    listed = meta["files"]
+    for name in (meta["weights"], OPTIMIZER, STATE):
+        if name not in listed:
+            raise _err(path, f"{META} does not list {name}")
+    for name, entry in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise _err(path, f"file {name} is missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise _err(path, f"file {name} has {f.stat().st_size} bytes, {META} says {entry['bytes']} "
+                             f"(truncated or replaced)")
+        if verify and file_entry(f)["sha256"] != entry["sha256"]:
+            raise _err(path, f"file {name} is corrupt: its sha256 differs from the one in {META}")
+
+
+def _configs(path: Path, meta: dict) -> tuple[GPTConfig, TrainConfig]:
+    try:
+        gcfg = GPTConfig(**meta["gpt_config"])
+    except (TypeError, ValueError) as e:
+        raise _err(path, f"bad gpt_config: {e}") from None
+    try:
+        tcfg = TrainConfig.from_dict(meta["train_config"])
+    except (TypeError, ValueError) as e:
+        raise _err(path, f"bad train_config: {e}") from None
+    if tcfg.block_size > gcfg.block_size:
+        raise _err(path, f"config mismatch: train_config.block_size {tcfg.block_size} > "
+                         f"gpt_config.block_size {gcfg.block_size}")
+    tok = meta.get("tokenizer") or {}
+    if tok.get("vocab_size") and tok["vocab_size"] > gcfg.vocab_size:
+        raise _err(path, f"config mismatch: the tokenizer has {tok['vocab_size']} tokens, "
+                         f"gpt_config.vocab_size is {gcfg.vocab_size}")
+    if tcfg.dropout != gcfg.dropout:
+        raise _err(path, f"config mismatch: train_config.dropout {tcfg.dropout} != "
+                         f"gpt_config.dropout {gcfg.dropout}")
+    return gcfg, tcfg
+
+
+def _load_weights(path: Path, meta: dict, model: GPT, device) -> None:
+    f = path / meta["weights"]
+    try:
+        if meta["weights"] == WEIGHTS_ST:
+            if _st is None:
+                raise _err(path, "weights are in safetensors format: pip install safetensors")
+            sd = _st.load_file(str(f), device=str(device))
+        else:
+            sd = torch.load(f, map_location=device, weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise _err(path, f"cannot read {meta['weights']}: {e}") from None
+    expected = dict(model.named_parameters())
+    expected.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
+    missing = [n for n in expected if n not in sd]
+    unexpected = [n for n in sd if n not in expected]
+    wrong = [f"{n}: checkpoint {tuple(sd[n].shape)}, gpt_config expects {tuple(t.shape)}"
+             for n, t in expected.items() if n in sd and sd[n].shape != t.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing weights {missing}")
+    if unexpected:
+        problems.append(f"unexpected weights {unexpected}")
+    if wrong:
+        problems.append("wrong shapes vs gpt_config (" + "; ".join(wrong) + ")")
+    if problems:
+        raise _err(path, "; ".join(problems))
+    with torch.no_grad():
+        for n, t in expected.items():
+            t.copy_(sd[n])
+
+
+def _load_optimizer(path: Path, meta: dict, optimizer, model: GPT, device) -> None:
+    try:
+        sd = torch.load(path / OPTIMIZER, map_location=device, weights_only=True)
+    except Exception as e:
+        raise _err(path, f"cannot read {OPTIMIZER}: {e}") from None
+    for k in ("state", "param_groups"):
+        if k not in sd:
+            raise _err(path, f"{OPTIMIZER} lacks key {k!r}")
+    built = [g["param_names"] for g in optimizer.param_groups]
+    saved = [g.get("param_names") for g in sd["param_groups"]]
+    if saved != built:
+        raise _err(path, f"config mismatch: the optimizer's parameter groups {saved} do not match "
+                         f"the model and train_config's {built}")
+    params = dict(model.named_parameters())
+    names = [n for g in built for n in g]
+    for idx, st in sd["state"].items():
+        if not isinstance(idx, int) or not 0 <= idx < len(names):
+            raise _err(path, f"optimizer state for unknown parameter index {idx!r}")
+        p = params[names[idx]]
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise _err(path, f"optimizer state {k!r} of {names[idx]} has shape {tuple(v.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
+    optimizer.load_state_dict(sd)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        st = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _err(path, f"cannot read {STATE}: {e}") from None
+    for k in ("scheduler", "rng", "data"):
+        if k not in st:
+            raise _err(path, f"{STATE} lacks key {k!r}")
+    return st
+
+
+def _load_scheduler(path: Path, sched_state: dict, scheduler, tcfg: TrainConfig, step: int) -> None:
+    want = LRSchedule.from_config(tcfg)
+    got = (sched_state.get("lr_lambdas") or [None])[0]
+    if got != vars(want):
+        raise _err(path, f"config mismatch: the scheduler state was made for LRSchedule({got}), "
+                         f"train_config gives {want}")
+    if sched_state.get("last_epoch") != step:
+        raise _err(path, f"config mismatch: the scheduler has taken {sched_state.get('last_epoch')} "
+                         f"steps, the checkpoint is at step {step}")
+    scheduler.load_state_dict(sched_state)
+    schedule_mod.reattach(scheduler)  # a pending rewarm ramp comes back with its state
+
+
+def load(path, device="cpu", verify: bool = True) -> Checkpoint:
+    """Load a checkpoint (directory, or run directory with ckpt/) into a fresh model,
+    AdamW and LambdaLR on `device`, ready to continue. Raises CheckpointError naming
+    what is missing or inconsistent. RNG states are returned, not applied: call
+    ckpt.restore_rng() before resuming for an exact continuation."""
+    path, meta = read_meta(path)
+    _check_files(path, meta, verify)
+    gcfg, tcfg = _configs(path, meta)
+    step = meta["step"]
+    if not isinstance(step, int) or step < 0:
+        raise _err(path, f"step must be an int >= 0, got {step!r}")
+    device = torch.device(device)
+    model = GPT(gcfg).to(device)
+    _load_weights(path, meta, model, device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+    _load_optimizer(path, meta, optimizer, model, device)
+    state = _load_state(path)
+    _load_scheduler(path, state["scheduler"], scheduler, tcfg, step)
+    return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                      gpt_config=gcfg, train_config=tcfg, rng=state["rng"], data=state["data"],
+                      tokenizer=meta.get("tokenizer"), growth_history=list(meta["growth_history"]),
+                      meta=meta)
+
+
+def tokenizer_ref(corpus, data_dir=None, vocab_request: int | None = None) -> dict:
+    """What identifies a run's tokenizer and token cache (growkern.data.Corpus)."""
+    return {"path": str(Path(corpus.path) / TOKENIZER), "cache_key": corpus.key,
+            "cache_dir": str(corpus.path), "vocab_size": corpus.vocab_size,
+            "vocab_request": vocab_request, "data": str(data_dir) if data_dir else None}

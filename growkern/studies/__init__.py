@@ -1,0 +1,72 @@
+"""The two studies (docs/studies.md), each one command that trains, grows, continues and
+writes results.csv, report.md and PNG plots into its output folder:
+
+- run_warmstart / `growkern study warmstart`: which warm start to continue from;
+- run_growth_factor / `growkern study growth-factor`: which growth factor pays off.
+
+Presets (smoke, cpu, paper) are in growkern.studies.presets. For the CLI owner:
+add_study_parser(subparsers) adds `study warmstart|growth-factor` to a subparsers
+object; run_study_cli(args) runs the parsed command.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .growth_factor import run_growth_factor
+from .presets import GROWTH_FACTOR, WARMSTART, get_preset
+from .warmstart import StudyResult, run_warmstart
+
+__all__ = ["run_warmstart", "run_growth_factor", "StudyResult", "get_preset", "add_study_parser",
+           "add_study_commands", "run_study_cli", "STUDIES"]
+
+STUDIES = {"warmstart": run_warmstart, "growth-factor": run_growth_factor}
+
+
+def add_study_commands(subparsers) -> None:
+    """Add `warmstart` and `growth-factor` commands to an argparse subparsers object."""
+    helps = {"warmstart": "which warm start to continue from (rankings of growth strategies)",
+             "growth-factor": "which growth factor pays off (speedup over scratch per factor and budget)"}
+    for name, help_ in helps.items():
+        presets = WARMSTART if name == "warmstart" else GROWTH_FACTOR
+        sp = subparsers.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--preset", default="smoke", choices=sorted(presets),
+                        help="sizes and budgets: smoke (CI, minutes), cpu (~30 min on a CPU), paper (GPU)")
+        sp.add_argument("--out", default=None,
+                        help=f"output folder (default results/{name}-<preset>); rerunning into it "
+                             f"reuses every finished run")
+        sp.add_argument("--data", default=None,
+                        help="directory with train.txt/valid.txt (default: $GROWKERN_DATA, then "
+                             "../shared/data/tinystories, then a download)")
+        sp.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+        sp.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the preset's; 1 for smoke and cpu)")
+        if name == "growth-factor":
+            sp.add_argument("--strategy", default=None,
+                            help="growth strategy (default: the preset's, szp)")
+        sp.add_argument("--quiet", action="store_true", help="no progress lines")
+        sp.set_defaults(study=name)
+
+
+def add_study_parser(subparsers):
+    """Add `study warmstart|growth-factor` to the growkern CLI's subparsers; returns the
+    `study` parser. Dispatch with run_study_cli(args)."""
+    p = subparsers.add_parser("study", help="run a study: warmstart or growth-factor",
+                              description="Run a study end to end (docs/studies.md).")
+    add_study_commands(p.add_subparsers(dest="study", required=True, metavar="{warmstart,growth-factor}"))
+    p.set_defaults(func=run_study_cli)
+    return p
+
+
+def run_study_cli(args, command: str | None = None) -> int:
+    """Run the study parsed by add_study_parser/add_study_commands; `command` is the
+    command line recorded in the report (default: this process's). Returns 0."""
+    overrides = {}
+    if getattr(args, "strategy", None):
+        overrides["strategy"] = args.strategy
+    if command is None:
+        command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
+    STUDIES[args.study](args.preset, args.out, args.data, device=args.device, threads=args.threads,
+                        progress=not args.quiet, command=command, **overrides)
+    return 0

@@ -1,0 +1,187 @@
+"""Preset sizes and budgets of the two studies (smoke, cpu, paper), and where the data is.
+
+A preset is a frozen dataclass; every field is part of the runs' cache keys except
+`threads` (how many CPU threads torch uses, which does not change results). A study
+takes a preset name or object plus keyword overrides of its fields.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+WARMSTART_STRATEGIES = ("exact_copy", "perturb", "perturb_np", "asym_reset", "structured", "szp", "scratch")
+REGIMES = ("deterministic", "stochastic")
+
+
+@dataclass(frozen=True)
+class WarmstartPreset:
+    name: str
+    # base (small) model; RMSNorm so that every preserving strategy is exact
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    growth_factor: float
+    # base training (deterministic regime, constant LR after warmup)
+    batch_size: int
+    lr: float
+    warmup: int
+    checkpoints: tuple  # base steps at which candidates are grown
+    # continuation
+    continuation: int  # steps every candidate trains after growth
+    probe_lag: int
+    eval_every: int
+    dropout: float  # stochastic regime
+    seeds: tuple = (0, 1)
+    strategies: tuple = WARMSTART_STRATEGIES
+    regimes: tuple = REGIMES
+    weight_decay: float = 0.1
+    eval_batch_size: int = 16
+    eval_batches: int = 4  # held-out windows = eval_batch_size * eval_batches
+    base_seed: int = 0
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def describe(self) -> list[str]:
+        wide = round(self.d_model * self.growth_factor)
+        return [
+            f"base model: d_model {self.d_model}, {self.n_head} heads (head_dim {self.d_model // self.n_head}), "
+            f"{self.n_layer} layers, d_ff {4 * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
+            f"block {self.block_size}; grown x{self.growth_factor:g} to d_model {wide}",
+            f"base training: {max(self.checkpoints)} steps, batch {self.batch_size} x {self.block_size} tokens, "
+            f"AdamW lr {self.lr:g} (constant after {self.warmup} warmup steps), "
+            f"checkpoints at steps {', '.join(map(str, self.checkpoints))}",
+            f"continuation: {self.continuation} steps per candidate, probe lag {self.probe_lag}, "
+            f"val loss every {self.eval_every} steps on {self.eval_batch_size * self.eval_batches} held-out "
+            f"windows; stochastic regime dropout {self.dropout:g}; seeds {', '.join(map(str, self.seeds))}",
+            f"grid: {len(self.checkpoints)} checkpoints x {len(self.strategies)} strategies x "
+            f"{len(self.regimes)} regimes x {len(self.seeds)} seeds = "
+            f"{len(self.checkpoints) * len(self.strategies) * len(self.regimes) * len(self.seeds)} continuations",
+        ]
+
+
+@dataclass(frozen=True)
+class GrowthFactorPreset:
+    name: str
+    # target model: d_model = n_head * head_dim, d_ff = 4 d_model, RMSNorm
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    head_dim: int
+    n_head: int
+    factors: tuple
+    budgets: tuple  # tokens per target non-embedding parameter
+    batch_size: int
+    lr: float
+    warmup: int
+    eval_every: int
+    strategy: str = "szp"
+    strategy_options: tuple = ()  # (key, value) pairs, e.g. (("shrink", 0.5),)
+    scratch_factor: float = 2.0  # scratch runs for this times a grown run's compute
+    weight_decay: float = 0.1
+    eval_batch_size: int = 16
+    eval_batches: int = 4
+    seed: int = 0
+    keep_every: int = 0  # steps between resume checkpoints within long runs; 0: none
+    threads: int | None = None
+
+    @property
+    def d_model(self) -> int:
+        return self.n_head * self.head_dim
+
+    def describe(self) -> list[str]:
+        opts = ", ".join(f"{k}={v}" for k, v in self.strategy_options)
+        return [
+            f"target model: d_model {self.d_model} ({self.n_head} heads of head_dim {self.head_dim}), "
+            f"{self.n_layer} layers, d_ff {4 * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
+            f"block {self.block_size}",
+            f"growth factors g: {', '.join(f'{g:g}' for g in self.factors)}; "
+            f"growth strategy {self.strategy}{f'({opts})' if opts else ''}",
+            f"budgets r: {', '.join(f'{r:g}' for r in self.budgets)} tokens per non-embedding parameter "
+            f"(small model: r N_s tokens, then the grown model: r N tokens); scratch runs "
+            f"{self.scratch_factor:g}x each grown run's compute",
+            f"training: batch {self.batch_size} x {self.block_size} tokens, AdamW lr {self.lr:g}, "
+            f"betas 0.9/0.95, constant after {self.warmup} warmup steps, val loss every {self.eval_every} "
+            f"steps on {self.eval_batch_size * self.eval_batches} held-out windows",
+        ]
+
+
+SMOKE_NOTE = ("smoke preset: reduced grids (2 checkpoints, 32-step continuations with an 8-step probe; "
+              "growth factors {1.5, 2, 4}, budgets {1, 2}) on tiny models; it tests the pipeline, "
+              "its numbers mean little")
+
+WARMSTART = {
+    "smoke": WarmstartPreset(
+        name="smoke", vocab_size=512, block_size=32, n_layer=1, d_model=16, n_head=4, growth_factor=2,
+        batch_size=8, lr=3e-3, warmup=5, checkpoints=(20, 40), continuation=32, probe_lag=8,
+        eval_every=8, dropout=0.1, eval_batch_size=16, eval_batches=2, threads=1),
+    "cpu": WarmstartPreset(
+        name="cpu", vocab_size=1024, block_size=64, n_layer=4, d_model=64, n_head=4, growth_factor=2,
+        batch_size=16, lr=2e-3, warmup=100, checkpoints=(500, 1000), continuation=128, probe_lag=16,
+        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=8, threads=1),
+    "paper": WarmstartPreset(
+        name="paper", vocab_size=8192, block_size=256, n_layer=8, d_model=512, n_head=8, growth_factor=2,
+        batch_size=32, lr=1e-3, warmup=200, checkpoints=(1000, 2000), continuation=128, probe_lag=16,
+        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=16),
+}
+
+GROWTH_FACTOR = {
+    "smoke": GrowthFactorPreset(
+        name="smoke", vocab_size=512, block_size=32, n_layer=1, head_dim=2, n_head=12,
+        factors=(1.5, 2, 4), budgets=(1, 2), batch_size=8, lr=3e-3, warmup=5, eval_every=8,
+        eval_batch_size=16, eval_batches=2, threads=1),
+    "cpu": GrowthFactorPreset(
+        name="cpu", vocab_size=1024, block_size=64, n_layer=1, head_dim=4, n_head=24,
+        factors=(1.5, 2, 3, 4, 8), budgets=(5, 10, 20), batch_size=16, lr=2e-3, warmup=50,
+        eval_every=25, eval_batch_size=32, eval_batches=4, keep_every=1000, threads=1),
+    # d_model 768 (12 heads of 64) keeps factors up to 4 integral in heads; factor 8
+    # needs a multiple of 24 heads (d_model 1536, ~4x the compute): add it with
+    # n_head=24, factors=(1.5, 2, 3, 4, 8) if the GPU time is there.
+    "paper": GrowthFactorPreset(
+        name="paper", vocab_size=8192, block_size=512, n_layer=8, head_dim=64, n_head=12,
+        factors=(1.5, 2, 3, 4), budgets=(5, 10, 20, 40), batch_size=32, lr=1e-3, warmup=200,
+        eval_every=100, eval_batch_size=32, eval_batches=8, keep_every=2000),
+}
+
+PRESETS = {"warmstart": WARMSTART, "growth-factor": GROWTH_FACTOR}
+
+
+def get_preset(study: str, preset, **overrides):
+    """The preset of `study` named `preset` (or a preset object), with fields overridden."""
+    table = PRESETS[study]
+    if isinstance(preset, str):
+        if preset not in table:
+            raise ValueError(f"unknown {study} preset {preset!r}; allowed: {', '.join(table)}")
+        preset = table[preset]
+    known = {f.name for f in fields(preset)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{type(preset).__name__} has no field(s) {unknown}; known: {sorted(known)}")
+    for k, v in overrides.items():
+        if isinstance(v, list):
+            overrides[k] = tuple(v)
+    return replace(preset, **overrides)
+
+
+def preset_dict(preset) -> dict:
+    """The preset's fields that determine results (threads excluded)."""
+    d = asdict(preset)
+    d.pop("threads", None)
+    return d
+
+
+def shared_data_dir() -> Path:
+    """The offline TinyStories sample beside the repository (../shared/data/tinystories)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
+
+
+def default_data(data=None):
+    """--data PATH, else $GROWKERN_DATA, else the shared sample when present, else None
+    (growkern.data.prepare then downloads TinyStories from the hub)."""
+    if data is not None:
+        return data
+    if os.environ.get("GROWKERN_DATA"):
+        return os.environ["GROWKERN_DATA"]
+    shared = shared_data_dir()
+    return shared if (shared / "train.txt").is_file() else None
