@@ -18,11 +18,12 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from benchenv import device_name, git_commit, sync
 
 import growkern
 from growkern import GPT, GPTConfig
@@ -31,21 +32,8 @@ STRATEGIES = ["exact_copy", "perturb", "asym_reset", "structured", "szp", "scrat
 RESULTS = Path(__file__).resolve().parent / "results" / "growth.csv"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def trained_state(cfg: GPTConfig, device, steps=3, seed=0):
@@ -62,9 +50,6 @@ def trained_state(cfg: GPTConfig, device, steps=3, seed=0):
     return model, opt, x
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_it(fn, repeats, device):

@@ -20,11 +20,12 @@ import datetime
 import itertools
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from benchenv import device_name, git_commit, sync
 
 from growkern import GPTConfig
 from growkern.train import (TrainConfig, autocast_dtype, build_optimizer, build_scheduler,
@@ -34,25 +35,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "train.csv"
 HERE = Path(__file__).resolve().parent
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=HERE)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def plain_loop(model, batch, steps, lr):

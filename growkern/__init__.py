@@ -8,5 +8,5 @@ from . import widen as widen_module
 from .widen import GrowthReport, widen_
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "DimMap", "GrowthPlan", "GrowthReport", "Strategy",
+__all__ = ["schedule", "widen_module", "GPT", "GPTConfig", "DimMap", "GrowthPlan", "GrowthReport", "Strategy",
            "backends", "plan_growth", "register_strategy", "strategies", "widen_"]

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .plan import Axis, DimMap, GrowthPlan, TensorPlan
+from .plan import DimMap, GrowthPlan, TensorPlan
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 

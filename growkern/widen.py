@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import schedule as schedule_mod
-from .model import GPT, Norm
-from .ops import TensorScales, WidenGroup, reference_widen
+from .model import GPT
+from .ops import TensorScales, WidenGroup
 from .plan import GrowthPlan, TensorPlan, plan_growth
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
