@@ -25,6 +25,17 @@ from .model import GPTConfig, init_std, is_norm_gain
 DIMS = ("d_model", "d_ff", "kv_head", "head", "head_dim")
 
 
+def copy_index(src: torch.Tensor) -> torch.Tensor:
+    """Per index of a map, its ordinal among the copies of its source (0: the original; -1: fresh)."""
+    out = [-1] * src.numel()
+    seen: dict[int, int] = {}
+    for j, s in enumerate(src.tolist()):
+        if s >= 0:
+            out[j] = seen.get(s, 0)
+            seen[s] = out[j] + 1
+    return torch.tensor(out, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class DimMap:
     """How one width dimension grows from `old` units to len(src) units."""
@@ -46,14 +57,7 @@ class DimMap:
 
     @property
     def copy_index(self) -> torch.Tensor:
-        """Per new unit, its ordinal among the copies of its source (0: the original; -1: fresh)."""
-        out = torch.full_like(self.src, -1)
-        seen: dict[int, int] = {}
-        for j, s in enumerate(self.src.tolist()):
-            if s >= 0:
-                out[j] = seen.get(s, 0)
-                seen[s] = out[j].item() + 1
-        return out
+        return copy_index(self.src)
 
     @property
     def exact_clone(self) -> bool:

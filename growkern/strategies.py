@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .plan import DimMap, GrowthPlan, TensorPlan
+from .plan import DimMap, GrowthPlan, TensorPlan, copy_index
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 
@@ -53,13 +53,7 @@ def make_strategy(strategy, **options) -> "Strategy":
 
 def first_copies(src: torch.Tensor) -> torch.Tensor:
     """1.0 where an index is the first occurrence of its source, 0.0 for later copies and fresh."""
-    out = torch.zeros(src.numel(), dtype=torch.float64)
-    seen = set()
-    for j, s in enumerate(src.tolist()):
-        if s >= 0 and s not in seen:
-            seen.add(s)
-            out[j] = 1.0
-    return out
+    return (copy_index(src) == 0).double()
 
 
 def antithetic(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

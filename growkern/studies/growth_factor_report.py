@@ -7,7 +7,7 @@ from pathlib import Path
 from .growth_factor import COLUMNS
 from .presets import SMOKE_NOTE
 from .progress import fmt_seconds
-from .report import fmt, md_table, pyplot, save_figure, write_csv, write_text
+from .report import fmt, md_table, plots_section, pyplot, save_figure, write_csv, write_text
 
 PAPER = "When is Warmstarting Effective for Scaling Language Models? (arXiv 2605.13405)"
 
@@ -155,14 +155,9 @@ def write_report(out: Path, p, rows, scratch, meta: dict) -> list[Path]:
     L += [md_table(["g", "r", "small at growth", "after growth", "grown final", "scratch at equal compute",
                     "grown compute", "scratch compute to match"], table), ""]
 
-    L += ["## Plots", ""]
-    if plots:
-        L += [f"![{f.stem}]({f.name})" for f in plots]
-        L += ["", "`speedup_vs_g.png`: speedup against g per budget (hollow triangles are lower bounds). "
+    L += plots_section(plots, "`speedup_vs_g.png`: speedup against g per budget (hollow triangles are lower bounds). "
               "`loss_vs_compute.png`: val loss against compute per budget, scratch and each grown run "
-              "(small-model phase, then the grown model; the dot is the end)."]
-    else:
-        L.append("matplotlib is not installed: no plots (pip install matplotlib).")
+              "(small-model phase, then the grown model; the dot is the end).")
     L += ["", f"Rows: `results.csv` (one row per (g, r)); scratch curve: `scratch_curve.csv`; each run's "
           f"curves and config: `runs/<key>.json`."]
     files.append(write_text(out / "report.md", "\n".join(L) + "\n"))

@@ -79,3 +79,14 @@ def save_figure(plt, fig, path) -> Path:
 def mean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def plots_section(plots, caption: str) -> list[str]:
+    """The report's '## Plots' lines: the images and their caption, or why there are none."""
+    lines = ["## Plots", ""]
+    if plots:
+        lines += [f"![{f.stem}]({f.name})" for f in plots]
+        lines += ["", caption]
+    else:
+        lines.append("matplotlib is not installed: no plots (pip install matplotlib).")
+    return lines

@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import metrics
 from .presets import SMOKE_NOTE
 from .progress import fmt_seconds
-from .report import fmt, md_table, mean, pyplot, save_figure, write_csv, write_text
+from .report import fmt, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
 from .warmstart import COLUMNS, PRESERVING, SELECTORS
 
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
@@ -223,14 +223,9 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
                                      and r["strategy"] == s and r["checkpoint"] == c) for c in p.checkpoints])
         L += [f"### {regime} regime", "", md_table(["strategy"] + [f"ckpt {c}" for c in p.checkpoints], table), ""]
 
-    L += ["## Plots", ""]
-    if plots:
-        L += [f"![{f.stem}]({f.name})" for f in plots]
-        L += ["", "`curves_<regime>.png`: val loss after growth per strategy (mean over seeds; the dotted "
+    L += plots_section(plots, "`curves_<regime>.png`: val loss after growth per strategy (mean over seeds; the dotted "
               "line marks the probe lag, the dashed one the base model). `selectors.png`: each selector "
-              "against the final loss, per regime."]
-    else:
-        L.append("matplotlib is not installed: no plots (pip install matplotlib).")
+              "against the final loss, per regime.")
     L += ["", f"Rows: `results.csv` ({len(rows)} rows: candidate x regime x checkpoint x seed); each run's "
           f"curve and config: `runs/<key>.json`."]
     files.append(write_text(out / "report.md", "\n".join(L) + "\n"))
