@@ -74,7 +74,7 @@ gk_ci_cuda_compile() {
 import torch
 import growkern._C as C
 assert C.WITH_CUDA == 1, "growkern._C was built without its CUDA kernels"
-for op in ("widen_group", "philox_words"):
+for op in ("widen_group", "widen_groups", "philox_words"):
     table = torch._C._dispatch_dump(f"growkern::{op}")
     for key in ("CPU:", "CUDA:"):
         assert key in table, f"growkern::{op} has no {key[:-1]} kernel"

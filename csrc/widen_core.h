@@ -252,6 +252,176 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
   }
 }
 
+// ---- the multi-tensor form: jobs cut into chunks -------------------------------
+//
+// One launch (CUDA) or one parallel loop (CPU) widens a list of jobs. A job is
+// up to kJobMembers members of one dtype that share a group's maps, so a whole
+// model (every parameter and its moments) goes through a handful of launches, as
+// apex's multi_tensor_apply does. Each job's R*C elements are cut into vectors
+// of VEC elements (16 bytes of every member) and the vectors into chunks of
+// kChunkVecs; chunk b belongs to the job j with chunk_begin[j] <= b <
+// chunk_begin[j + 1]. A CUDA block takes a chunk, its threads the vectors; the
+// CPU runs the same widen_vec over the same chunks, so the CPU build exercises
+// the GPU's per-thread code.
+
+constexpr int kJobMembers = 4;
+constexpr int64_t kChunkVecs = 1024;  // 4 vectors per thread of a 256-thread block
+
+template <typename scalar_t>
+struct WidenJob {
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  GroupMaps<acc_t> maps;
+  int64_t numel = 0;  // R * C
+  int n_members = 0;
+  Member<scalar_t> m[kJobMembers];
+};
+
+template <typename scalar_t>
+constexpr int widen_vec_width() {
+  return (int)(16 / sizeof(scalar_t));
+}
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) VecT {
+  scalar_t v[VEC];
+};
+
+#if defined(__CUDA_ARCH__)
+#define GK_LDG(p) __ldg(p)
+#define GK_UNROLL _Pragma("unroll")
+#else
+#define GK_LDG(p) (*(p))
+#define GK_UNROLL
+#endif
+
+// The job that chunk b belongs to: the largest j with chunk_begin[j] <= b.
+GK_HD int64_t find_job(const int64_t* chunk_begin, int64_t njobs, int64_t b) {
+  int64_t lo = 0, hi = njobs - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (chunk_begin[mid] <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// Elements [e0, e0 + VEC) of every member of the job (fewer at the tail), one
+// 16-byte store per member when the vector is whole. e0 is a multiple of VEC and
+// the new tensors are 16-byte aligned, so whole vectors are aligned.
+template <typename scalar_t, int VEC>
+GK_HD void widen_vec(const WidenJob<scalar_t>& job, int64_t e0) {
+  using T = Traits<scalar_t>;
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  const GroupMaps<acc_t>& g = job.maps;
+  const acc_t tag = 0;
+  const int64_t left = job.numel - e0;
+  const int n = left < VEC ? (int)left : VEC;
+  int64_t r = e0 / g.C;
+  int64_t c = e0 - r * g.C;
+  VecT<scalar_t, VEC> out[kJobMembers];
+GK_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    if (k < n) {
+      const int64_t rs = GK_LDG(g.row_src + r);
+      const int64_t cs = g.two_d ? GK_LDG(g.col_src + c) : 0;
+      const bool ok = rs >= 0 && cs >= 0;
+      acc_t z = 0;
+      uint32_t z_stream = 0;
+      bool have_z = false;
+GK_UNROLL
+      for (int mi = 0; mi < kJobMembers; ++mi) {
+        if (mi < job.n_members) {
+          const Member<scalar_t>& m = job.m[mi];
+          acc_t val;
+          if (ok) {
+            val = T::load(m.src[rs * m.src_stride0 + cs * m.src_stride1]) * GK_LDG(m.row_scale + r);
+            if (g.two_d) val = val * GK_LDG(m.col_scale + c);
+          } else {
+            val = m.fresh_value;
+          }
+          if (m.noisy) {
+            if (!have_z || z_stream != m.stream) {  // members of one stream share the draw
+              const uint32_t ncol = g.two_d ? (uint32_t)GK_LDG(g.noise_col + c) : 0u;
+              z = philox_normal(g.seed, m.stream, (uint32_t)r, ncol, tag);
+              z_stream = m.stream;
+              have_z = true;
+            }
+            acc_t coef;
+            if (ok) {
+              coef = m.sigma * GK_LDG(g.row_sign + r);
+              if (g.two_d) coef = coef * GK_LDG(g.col_sign + c);
+            } else {
+              coef = m.sigma_fresh;
+            }
+            val = val + coef * z;
+          }
+          out[mi].v[k] = T::store(val);
+        }
+      }
+    }
+    if (++c == g.C) {
+      c = 0;
+      ++r;
+    }
+  }
+GK_UNROLL
+  for (int mi = 0; mi < kJobMembers; ++mi) {
+    if (mi < job.n_members) {
+      scalar_t* dst = job.m[mi].dst + e0;
+      if (n == VEC) {
+#if defined(__CUDA_ARCH__)
+        *reinterpret_cast<VecT<scalar_t, VEC>*>(dst) = out[mi];
+#else
+        memcpy(dst, &out[mi], sizeof(out[mi]));
+#endif
+      } else {
+        for (int k = 0; k < n; ++k) dst[k] = out[mi].v[k];
+      }
+    }
+  }
+}
+
+// The vectors [v0, v1) of chunk b: what one CUDA block or one CPU task does.
+template <typename scalar_t>
+GK_HD void chunk_vectors(const WidenJob<scalar_t>* jobs, const int64_t* chunk_begin, int64_t njobs, int64_t b,
+                         int64_t* job, int64_t* v0, int64_t* v1) {
+  constexpr int VEC = widen_vec_width<scalar_t>();
+  const int64_t j = find_job(chunk_begin, njobs, b);
+  const int64_t nvec = (jobs[j].numel + VEC - 1) / VEC;
+  const int64_t first = (b - chunk_begin[j]) * kChunkVecs;
+  *job = j;
+  *v0 = first;
+  *v1 = first + kChunkVecs < nvec ? first + kChunkVecs : nvec;
+}
+
+// chunk_begin (njobs + 1 entries) for the given jobs; returns the number of chunks.
+template <typename scalar_t>
+int64_t plan_chunks(const WidenJob<scalar_t>* jobs, int64_t njobs, int64_t* chunk_begin) {
+  constexpr int VEC = widen_vec_width<scalar_t>();
+  int64_t total = 0;
+  for (int64_t j = 0; j < njobs; ++j) {
+    chunk_begin[j] = total;
+    const int64_t nvec = (jobs[j].numel + VEC - 1) / VEC;
+    total += (nvec + kChunkVecs - 1) / kChunkVecs;
+  }
+  chunk_begin[njobs] = total;
+  return total;
+}
+
+// Chunks [b0, b1) on the host, in order: the CPU's form of the CUDA launch.
+template <typename scalar_t>
+void widen_chunks(const WidenJob<scalar_t>* jobs, const int64_t* chunk_begin, int64_t njobs, int64_t b0,
+                  int64_t b1) {
+  constexpr int VEC = widen_vec_width<scalar_t>();
+  for (int64_t b = b0; b < b1; ++b) {
+    int64_t j, v0, v1;
+    chunk_vectors(jobs, chunk_begin, njobs, b, &j, &v0, &v1);
+    for (int64_t v = v0; v < v1; ++v) widen_vec<scalar_t, VEC>(jobs[j], v * VEC);
+  }
+}
+
 // Instantiated in widen_core.cpp (the growkern_core library).
 extern template void widen_rows<float>(const GroupMaps<float>&, const Member<float>*, int, int64_t, int64_t);
 extern template void widen_rows<double>(const GroupMaps<double>&, const Member<double>*, int, int64_t, int64_t);

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "widen_core.h"
+#include "widen_jobs.h"
 #include "widen_op.h"
 
 #ifndef GK_WITH_CUDA
@@ -134,6 +135,36 @@ std::vector<at::Tensor> widen_group_cpu(at::TensorList srcs, const at::Tensor& r
   return outs;
 }
 
+// The multi-group op on the CPU: the jobs and chunks of the CUDA launch, run by
+// at::parallel_for (each chunk is one task's unit; results do not depend on the split).
+std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef group_sizes, at::TensorList row_src,
+                                         const OptTensorList& col_src, at::TensorList row_sign,
+                                         const OptTensorList& col_sign, const OptTensorList& noise_col,
+                                         at::IntArrayRef seeds, at::TensorList row_scales,
+                                         const OptTensorList& col_scales, at::ArrayRef<double> fresh_values,
+                                         at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
+                                         at::IntArrayRef streams) {
+  const auto groups = split_groups(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
+                                   row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams);
+  if (groups.empty()) return {};
+  TORCH_CHECK(groups[0].srcs[0].device().is_cpu(), "widen_groups (CPU): sources must be CPU tensors");
+  return widen_groups_impl(groups, at::Device(at::kCPU),
+                           [](at::ScalarType dt, const void* jobs, const int64_t* begin, int64_t njobs,
+                              int64_t nchunks) {
+                             auto loop = [&](auto tag) {
+                               using scalar_t = decltype(tag);
+                               const auto* js = static_cast<const WidenJob<scalar_t>*>(jobs);
+                               at::parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
+                                 widen_chunks<scalar_t>(js, begin, njobs, b0, b1);
+                               });
+                             };
+                             if (dt == at::kFloat) loop(float());
+                             else if (dt == at::kDouble) loop(double());
+                             else if (dt == at::kHalf) loop(f16_t());
+                             else loop(bf16_t());
+                           });
+}
+
 at::Tensor philox_words_cpu(const at::Tensor& rows, const at::Tensor& cols, int64_t seed, int64_t stream) {
   TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong,
               "philox_words: rows and cols must be int64");
@@ -164,11 +195,17 @@ TORCH_LIBRARY(growkern, m) {
       "widen_group(Tensor[] srcs, Tensor row_src, Tensor? col_src, Tensor[] row_scales, "
       "Tensor[] col_scales, float[] fresh_values, float[] sigmas, float[] sigma_fresh, "
       "Tensor row_sign, Tensor? col_sign, Tensor? noise_col, int seed, int[] streams) -> Tensor[]");
+  m.def(
+      "widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src, "
+      "Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds, Tensor[] row_scales, "
+      "Tensor?[] col_scales, float[] fresh_values, float[] sigmas, float[] sigma_fresh, int[] streams) "
+      "-> Tensor[]");
   m.def("philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(growkern, CPU, m) {
   m.impl("widen_group", &growkern::widen_group_cpu);
+  m.impl("widen_groups", &growkern::widen_groups_cpu);
   m.impl("philox_words", &growkern::philox_words_cpu);
 }
 

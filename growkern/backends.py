@@ -1,7 +1,10 @@
 """Backends of the widen primitive (growkern.ops), behind one function.
 
 A backend is `fn(tensors, group) -> new tensors`: tensors[i] is rebuilt with
-group.members[i]. "reference" is the torch specification and always available.
+group.members[i]. Its batch form (`resolve_backend(..., batch=True)`) takes a
+list of (tensors, group) and returns the list of results; the native backends
+do a whole batch in one op call (one CUDA launch per dtype), the others loop.
+"reference" is the torch specification and always available.
 
   cpu     growkern._C's C++ kernels (CPU tensors)
   cuda    growkern._C's CUDA kernels (CUDA tensors; the extension built with CUDA)
@@ -91,7 +94,27 @@ def _warn_once(key: str, msg: str):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(name: str, device: torch.device):
+def _looped(fn):
+    def many(items):
+        return [fn(tensors, group) for tensors, group in items]
+    return many
+
+
+def _batched(fn, name):
+    if name in ("cpu", "cuda"):
+        from .kernels import ext
+        return ext.widen_many_cpu if name == "cpu" else ext.widen_many_cuda
+    return _looped(fn)
+
+
+def resolve_backend(name: str, device: torch.device, batch: bool = False):
+    """(function, resolved name) of backend `name` for tensors on `device`; with
+    batch=True the function takes and returns lists, one entry per group."""
+    fn, resolved = _resolve(name, device)
+    return (_batched(fn, resolved), resolved) if batch else (fn, resolved)
+
+
+def _resolve(name: str, device: torch.device):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
     device = torch.device(device)

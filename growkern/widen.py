@@ -3,8 +3,9 @@
 The data path is plan -> one primitive per parameter group -> new state:
   1. plan_growth (or the plan given) says how every parameter grows;
   2. everything is validated before anything changes (atomicity);
-  3. per parameter, one call of the primitive (growkern.ops) builds the new
-     parameter and its optimizer moments together, the old ones are released;
+  3. the primitive (growkern.ops) builds each parameter and its optimizer moments
+     together, a batch of parameters per call (one CUDA launch per dtype), and
+     the batch's old tensors are released before the next one;
   4. model config, module metadata and buffers follow; the schedule is set.
 """
 from __future__ import annotations
@@ -233,6 +234,30 @@ def _orthogonalize_fresh_rows(w: torch.Tensor, tp: TensorPlan) -> int:
 
 # --- the mutation ---------------------------------------------------------------
 
+def _batches(model, optimizer):
+    """Consecutive parameters in batches of at most as many old bytes as the largest
+    single parameter group holds: each batch is one call of the primitive (one CUDA
+    launch per dtype), and the peak extra memory stays the new state plus the
+    largest group's old state, as with one group at a time."""
+    named = list(model.named_parameters())
+
+    def old_bytes(p):
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        return p.nbytes + sum(v.nbytes for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v))
+
+    sizes = [old_bytes(p) for _, p in named]
+    budget = max(sizes, default=0)
+    batch, used = [], 0
+    for (name, p), size in zip(named, sizes):
+        if batch and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append((name, p))
+        used += size
+    if batch:
+        yield batch
+
+
 def _replace_data(p: nn.Parameter, new: torch.Tensor):
     """p.data = new, for a new shape. Autograd caches a leaf's gradient accumulator,
     with the old shape, for as long as any graph that used it is alive (e.g. the last
@@ -295,7 +320,7 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         raise ValueError(f"give either plan= or plan_growth keywords, not both (got {sorted(plan_kwargs)})")
     _validate(model, optimizer, scheduler, plan, schedule, rewarm_steps)
     from .backends import resolve_backend
-    widen_fn, backend_name = resolve_backend(backend, next(model.parameters()).device)
+    widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
     new_bytes = _check_memory(model, optimizer, plan)
     if probe_batch is not None:
         small_logits, probe_y = _probe(model, probe_batch)
@@ -307,21 +332,28 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     # --- from here on, state changes ---
     strategy = plan.strategy
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            tp = plan.tensors[name]
-            state = optimizer.state.get(p, {}) if optimizer is not None else {}
-            moments = {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
-            group = build_group(tp, p, moments, strategy, plan.seed)
-            outs = widen_fn([p.data, *moments.values()], group)
-            _replace_data(p, outs[0])
-            if tp.orthogonalize_fresh_rows:
-                no_room += _orthogonalize_fresh_rows(p.data, tp)
-            for key, new in zip(moments, outs[1:]):
-                state[key] = new
-            if strategy.reset_step and "step" in state:
-                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
-            if p.grad is not None:
-                p.grad = None  # a gradient of the old shape is meaningless now
+        for batch in _batches(model, optimizer):
+            items, states = [], []
+            for name, p in batch:
+                state = optimizer.state.get(p, {}) if optimizer is not None else {}
+                moments = {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
+                items.append(([p.data, *moments.values()],
+                              build_group(plan.tensors[name], p, moments, strategy, plan.seed)))
+                states.append((state, list(moments)))
+            results = widen_many(items)
+            del items  # the old tensors of this batch go once their owners let go below
+            for (name, p), (state, keys), outs in zip(batch, states, results):
+                tp = plan.tensors[name]
+                _replace_data(p, outs[0])
+                if tp.orthogonalize_fresh_rows:
+                    no_room += _orthogonalize_fresh_rows(p.data, tp)
+                for key, new in zip(keys, outs[1:]):
+                    state[key] = new
+                if strategy.reset_step and "step" in state:
+                    state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+                if p.grad is not None:
+                    p.grad = None  # a gradient of the old shape is meaningless now
+            del results
     if no_room:
         notes.append(f"{no_room} new fan-in rows had no room orthogonal to the old rows "
                      f"(the old rows span their fan-in space) and stay as drawn")

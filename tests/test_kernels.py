@@ -358,6 +358,107 @@ def test_mixed_dtypes_and_noncontiguous_sources():
     assert_matches_spec(outs, srcs, grp)
 
 
+# --- many groups in one call (the batch form; one CUDA launch per dtype) -------------------
+
+def _batch_backend(name):
+    _backend(name)
+    fn, _ = resolve_backend(name, _device(name), batch=True)
+    return fn
+
+
+def make_batch(device="cpu", dtype=torch.float32):
+    """Groups of odd shapes in one batch: 2-D and 1-D, smaller than a vector, over several
+    chunks (70 x 129), six members (two jobs of at most four), an empty new tensor, a
+    transposed source, and a group whose members mix bfloat16, float32 and float64."""
+    six = [dict(fresh_value=0.1 * i, sigma=0.05 * (i % 2), sigma_fresh=0.02, stream=100 + i) for i in range(6)]
+    specs = [((3, 4), (5, 7), None), ((9,), (17,), None), ((37, 61), (70, 129), six), ((3,), (1,), None),
+             ((3, 4), (0, 7), None), ((8, 8), (16, 24), None)]
+    items = []
+    for k, (old, new, members) in enumerate(specs):
+        grp = make_group(old, new, seed=1000 + k, gen_seed=k, members=members)
+        srcs = make_sources(grp, old, dtype, device, gen_seed=k)
+        items.append((srcs, grp))
+    base = make_sources(items[-1][1], (8, 8), dtype, device, gen_seed=99)
+    items[-1] = ([base[0].t(), base[1].t().to(torch.bfloat16), base[2].t().double()], items[-1][1])
+    return items
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_matches_reference_and_each_group_alone(backend, dtype):
+    """Each group's result meets the bound and is bit-identical to the same group
+    widened alone: what a group is batched with does not change it."""
+    many = _batch_backend(backend)
+    items = make_batch(_device(backend), dtype)
+    results = many(items)
+    assert len(results) == len(items)
+    for (srcs, grp), outs in zip(items, results):
+        assert_matches_spec(outs, [s.cpu() for s in srcs], grp)
+        alone = many([(srcs, grp)])[0]
+        for a, b in zip(outs, alone):
+            assert torch.equal(a, b)
+    assert many([]) == []
+
+
+def test_batch_independent_of_thread_count():
+    many = _batch_backend("cpu")
+    items = make_batch()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = many(items)
+        torch.set_num_threads(2)
+        two = many(items)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_batch_op_rejects_bad_arguments():
+    _backend("cpu")
+    from growkern.kernels.ext import groups_args
+    items = make_batch()[:3]
+    args = list(groups_args(items))
+    bad = list(args)
+    bad[1] = [args[1][0] + 1] + list(args[1][1:])  # group_sizes no longer adds up
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        torch.ops.growkern.widen_groups(*bad)
+    bad = list(args)
+    bad[1] = [0] + list(args[1][1:])
+    with pytest.raises(RuntimeError, match=r"group_sizes\[0\] = 0"):
+        torch.ops.growkern.widen_groups(*bad)
+    bad = list(args)
+    bad[9] = [None] + list(args[9][1:])  # group 0 is 2-D but its first member has no col_scales
+    with pytest.raises(RuntimeError, match="group 0 is 2-D"):
+        torch.ops.growkern.widen_groups(*bad)
+    bad = list(args)
+    bad[7] = list(args[7][:-1])  # seeds: one too few
+    with pytest.raises(RuntimeError, match="one entry per group"):
+        torch.ops.growkern.widen_groups(*bad)
+    bad = list(args)
+    row_src = [t.clone() for t in args[2]]
+    row_src[1][0] = 9  # out of range for group 1's 9 old rows
+    bad[2] = row_src
+    with pytest.raises(RuntimeError, match="group 1: .*out of range"):
+        torch.ops.growkern.widen_groups(*bad)
+
+
+def test_batch_op_fake_tensors():
+    _backend("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from growkern.kernels.ext import groups_args
+    items = make_batch()
+    real = groups_args(items)
+    with FakeTensorMode() as mode:
+        args = [[mode.from_tensor(t) if torch.is_tensor(t) else t for t in a] if isinstance(a, list) else a
+                for a in real]
+        outs = torch.ops.growkern.widen_groups(*args)
+    want = [(tuple(g.shape), s.dtype) for srcs, g in items for s in srcs]
+    assert [(tuple(o.shape), o.dtype) for o in outs] == want
+
+
 # --- the op: torch.library, checks, fake tensors, torch.compile -----------------------------
 
 def _op_args(srcs, grp):

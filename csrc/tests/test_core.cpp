@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -94,87 +95,114 @@ double ulp_of<f16_t>(double v) { return v == 0 ? 0x1p-24 : fmax(ldexp(1.0, ilogb
 template <>
 double ulp_of<bf16_t>(double v) { return v == 0 ? 0x1p-133 : fmax(ldexp(1.0, ilogb(v) - 7), 0x1p-133); }
 
+// A random group of M members: maps with fresh (-1) units, signs in {-1, 0, 1},
+// shared noise columns, random scales; member m writes into dst[m].
+template <typename S>
+struct RandomGroup {
+  using acc_t = typename Traits<S>::acc_t;
+  int64_t R0, C0, R, C;
+  bool two_d;
+  std::vector<int64_t> row_src, col_src, noise_col;
+  std::vector<acc_t> row_sign, col_sign;
+  std::vector<std::vector<S>> src, dst;
+  std::vector<std::vector<acc_t>> rsc, csc;
+  std::vector<double> fresh, sigma, sf;
+  GroupMaps<acc_t> g;
+  std::vector<Member<S>> ms;
+
+  RandomGroup(int64_t R0_, int64_t C0_, int64_t R_, int64_t C_, bool two_d_, int M, uint64_t seed)
+      : R0(R0_), C0(two_d_ ? C0_ : 1), R(R_), C(two_d_ ? C_ : 1), two_d(two_d_) {
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<double> uni(-2.0, 2.0);
+    row_src.resize(R);
+    row_sign.resize(R);
+    col_src.resize(C);
+    noise_col.resize(C);
+    col_sign.resize(C);
+    for (int64_t r = 0; r < R; ++r) {
+      row_src[r] = (int64_t)(rng() % (R0 + 1)) - 1;
+      row_sign[r] = (acc_t)((int)(rng() % 3) - 1);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      col_src[c] = (int64_t)(rng() % (C0 + 1)) - 1;
+      col_sign[c] = (acc_t)((int)(rng() % 3) - 1);
+      noise_col[c] = (int64_t)(rng() % C);
+    }
+    const double fr[3] = {0.25, 0.0, -1.5}, si[3] = {0.5, 0.0, 0.0}, sfr[3] = {0.75, 0.0, 2.0};
+    src.assign(M, std::vector<S>(R0 * C0));
+    dst.assign(M, std::vector<S>(R * C));
+    rsc.assign(M, std::vector<acc_t>(R));
+    csc.assign(M, std::vector<acc_t>(C));
+    for (int m = 0; m < M; ++m) {
+      for (auto& x : src[m]) x = Traits<S>::store((acc_t)uni(rng));
+      for (auto& x : rsc[m]) x = (acc_t)uni(rng);
+      for (auto& x : csc[m]) x = (acc_t)uni(rng);
+      fresh.push_back(fr[m % 3]);
+      sigma.push_back(si[m % 3]);
+      sf.push_back(sfr[m % 3]);
+    }
+    g.R = R;
+    g.C = C;
+    g.two_d = two_d;
+    g.row_src = row_src.data();
+    g.col_src = two_d ? col_src.data() : nullptr;
+    g.noise_col = two_d ? noise_col.data() : nullptr;
+    g.row_sign = row_sign.data();
+    g.col_sign = two_d ? col_sign.data() : nullptr;
+    g.seed = (uint32_t)(seed * 2654435761u);
+    for (int m = 0; m < M; ++m) {
+      Member<S> mm;
+      mm.src = src[m].data();
+      mm.dst = dst[m].data();
+      mm.src_stride0 = C0;
+      mm.src_stride1 = two_d ? 1 : 0;
+      mm.row_scale = rsc[m].data();
+      mm.col_scale = two_d ? csc[m].data() : nullptr;
+      mm.fresh_value = (acc_t)fresh[m];
+      mm.sigma = (acc_t)sigma[m];
+      mm.sigma_fresh = (acc_t)sf[m];
+      mm.stream = 77u + (uint32_t)m;
+      mm.noisy = sigma[m] != 0 || sf[m] != 0;
+      ms.push_back(mm);
+    }
+  }
+  int M() const { return (int)ms.size(); }
+};
+
 template <typename S>
 static void test_core_against_naive(bool two_d, const char* name) {
   using acc_t = typename Traits<S>::acc_t;
   // compute error allowance, relative to |x a b| + |coef| rho (the bound of tests/test_kernels.py)
   const double u_acc = sizeof(acc_t) == 8 ? 0x1p-48 : 0x1p-20;
-  std::mt19937_64 rng(1234 + (two_d ? 1 : 0) + sizeof(S));
-  std::uniform_real_distribution<double> uni(-2.0, 2.0);
-  const int64_t R0 = 5, C0 = two_d ? 7 : 1, R = 11, C = two_d ? 13 : 1;
-  const int M = 3;
-  std::vector<int64_t> row_src(R), col_src(C), noise_col(C);
-  std::vector<acc_t> row_sign(R), col_sign(C);
-  for (int64_t r = 0; r < R; ++r) {
-    row_src[r] = (int64_t)(rng() % (R0 + 1)) - 1;
-    row_sign[r] = (acc_t)((int)(rng() % 3) - 1);
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    col_src[c] = (int64_t)(rng() % (C0 + 1)) - 1;
-    col_sign[c] = (acc_t)((int)(rng() % 3) - 1);
-    noise_col[c] = (int64_t)(rng() % C);
-  }
-  std::vector<std::vector<S>> src(M, std::vector<S>(R0 * C0));
-  std::vector<std::vector<acc_t>> rsc(M, std::vector<acc_t>(R)), csc(M, std::vector<acc_t>(C));
-  std::vector<std::vector<S>> dst(M, std::vector<S>(R * C)), dst2(M, std::vector<S>(R * C));
-  for (int m = 0; m < M; ++m) {
-    for (auto& x : src[m]) x = Traits<S>::store((acc_t)uni(rng));
-    for (auto& x : rsc[m]) x = (acc_t)uni(rng);
-    for (auto& x : csc[m]) x = (acc_t)uni(rng);
-  }
-  GroupMaps<acc_t> g;
-  g.R = R;
-  g.C = C;
-  g.two_d = two_d;
-  g.row_src = row_src.data();
-  g.col_src = col_src.data();
-  g.noise_col = noise_col.data();
-  g.row_sign = row_sign.data();
-  g.col_sign = col_sign.data();
-  g.seed = 0xDEADBEEFu;
-  std::vector<Member<S>> ms(M), ms2(M);
-  const double fresh[M] = {0.25, 0.0, -1.5}, sigma[M] = {0.5, 0.0, 0.0}, sf[M] = {0.75, 0.0, 2.0};
-  for (int m = 0; m < M; ++m) {
-    Member<S> mm;
-    mm.src = src[m].data();
-    mm.dst = dst[m].data();
-    mm.src_stride0 = C0;
-    mm.src_stride1 = 1;
-    mm.row_scale = rsc[m].data();
-    mm.col_scale = csc[m].data();
-    mm.fresh_value = (acc_t)fresh[m];
-    mm.sigma = (acc_t)sigma[m];
-    mm.sigma_fresh = (acc_t)sf[m];
-    mm.stream = 77u + (uint32_t)m;
-    mm.noisy = sigma[m] != 0 || sf[m] != 0;
-    ms[m] = mm;
-    mm.dst = dst2[m].data();
-    ms2[m] = mm;
-  }
-  widen_rows<S>(g, ms.data(), M, 0, R);
+  RandomGroup<S> t(5, 7, 11, 13, two_d, 3, 1234 + (two_d ? 1 : 0) + sizeof(S));
+  const int M = t.M();
+  const int64_t R = t.R, C = t.C;
+  widen_rows<S>(t.g, t.ms.data(), M, 0, R);
   // chunked: the same bits whatever the row split
-  widen_rows<S>(g, ms2.data(), M, 0, 1);
-  widen_rows<S>(g, ms2.data(), M, 1, 4);
-  widen_rows<S>(g, ms2.data(), M, 4, R);
+  std::vector<std::vector<S>> once = t.dst;
+  widen_rows<S>(t.g, t.ms.data(), M, 0, 1);
+  widen_rows<S>(t.g, t.ms.data(), M, 1, 4);
+  widen_rows<S>(t.g, t.ms.data(), M, 4, R);
   for (int m = 0; m < M; ++m)
-    CHECK(memcmp(dst[m].data(), dst2[m].data(), sizeof(S) * R * C) == 0, "%s: chunking changed bits", name);
+    CHECK(memcmp(once[m].data(), t.dst[m].data(), sizeof(S) * R * C) == 0, "%s: chunking changed bits", name);
 
   double worst = 0;
   for (int m = 0; m < M; ++m) {
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t rs = row_src[r], cs = two_d ? col_src[c] : 0;
+        const int64_t rs = t.row_src[r], cs = two_d ? t.col_src[c] : 0;
         const bool ok = rs >= 0 && cs >= 0;
-        double base = fresh[m], coef = sf[m];
+        double base = t.fresh[m], coef = t.sf[m];
         if (ok) {
-          base = to_double(src[m][rs * C0 + cs]) * (double)rsc[m][r] * (two_d ? (double)csc[m][c] : 1.0);
-          coef = sigma[m] * (double)row_sign[r] * (two_d ? (double)col_sign[c] : 1.0);
+          base = to_double(t.src[m][rs * t.C0 + cs]) * (double)t.rsc[m][r] * (two_d ? (double)t.csc[m][c] : 1.0);
+          coef = t.sigma[m] * (double)t.row_sign[r] * (two_d ? (double)t.col_sign[c] : 1.0);
         }
         double noise = 0, rho = 0;
-        if (ms[m].noisy)
-          noise = coef * naive_normal(g.seed, ms[m].stream, (uint32_t)r, two_d ? (uint32_t)noise_col[c] : 0u, &rho);
+        if (t.ms[m].noisy)
+          noise = coef * naive_normal(t.g.seed, t.ms[m].stream, (uint32_t)r, two_d ? (uint32_t)t.noise_col[c] : 0u,
+                                      &rho);
         const double want = base + noise;
-        const double got = to_double(dst[m][r * C + c]);
+        const double got = to_double(t.dst[m][r * C + c]);
         const double tol = ulp_of<S>(fabs(want)) + u_acc * (fabs(base) + fabs(coef) * rho);
         const double err = fabs(got - want);
         if (tol > 0) worst = fmax(worst, err / tol);
@@ -184,6 +212,54 @@ static void test_core_against_naive(bool two_d, const char* name) {
     }
   }
   printf("  %-12s worst error / bound = %.3f\n", name, worst);
+}
+
+// The multi-tensor form (jobs, chunks, widen_vec: the CUDA kernel's per-thread
+// code) writes the same bits as the row loop, for jobs of odd sizes that end
+// mid-vector and mid-chunk, 1-D and 2-D mixed, members split across jobs.
+template <typename S>
+static void test_chunks_against_rows(const char* name) {
+  constexpr int VEC = widen_vec_width<S>();
+  std::vector<RandomGroup<S>> groups;
+  groups.emplace_back(5, 7, 11, 13, true, 3, 11);        // smaller than one vector row
+  groups.emplace_back(9, 1, 17, 1, false, 2, 12);        // 1-D
+  groups.emplace_back(37, 61, 70, 129, true, 6, 13);     // > 1 chunk, 6 members -> 2 jobs
+  groups.emplace_back(3, 1, 1, 1, false, 1, 14);         // one element
+  groups.emplace_back(40, 50, 64, 128, true, 1, 15);     // whole chunks
+  std::vector<WidenJob<S>> jobs;
+  for (auto& t : groups) {
+    for (int m0 = 0; m0 < t.M(); m0 += kJobMembers) {
+      WidenJob<S> j;
+      j.maps = t.g;
+      j.numel = t.R * t.C;
+      j.n_members = std::min(kJobMembers, t.M() - m0);
+      for (int k = 0; k < j.n_members; ++k) j.m[k] = t.ms[m0 + k];
+      jobs.push_back(j);
+    }
+  }
+  std::vector<int64_t> begin(jobs.size() + 1);
+  const int64_t nchunks = plan_chunks(jobs.data(), (int64_t)jobs.size(), begin.data());
+  // every vector of every job is covered exactly once
+  int64_t want_chunks = 0;
+  for (const auto& j : jobs) want_chunks += ((j.numel + VEC - 1) / VEC + kChunkVecs - 1) / kChunkVecs;
+  CHECK(nchunks == want_chunks, "%s: %lld chunks, want %lld", name, (long long)nchunks, (long long)want_chunks);
+  // chunks in reverse order and one at a time: the order must not matter
+  for (int64_t b = nchunks - 1; b >= 0; --b) widen_chunks(jobs.data(), begin.data(), (int64_t)jobs.size(), b, b + 1);
+  for (auto& t : groups) {
+    std::vector<std::vector<S>> chunked = t.dst;
+    for (auto& d : t.dst) std::fill(d.begin(), d.end(), Traits<S>::store((typename Traits<S>::acc_t)7));
+    widen_rows<S>(t.g, t.ms.data(), t.M(), 0, t.R);
+    for (int m = 0; m < t.M(); ++m)
+      CHECK(memcmp(chunked[m].data(), t.dst[m].data(), sizeof(S) * t.R * t.C) == 0,
+            "%s: group %lldx%lld member %d differs from the row loop", name, (long long)t.R, (long long)t.C, m);
+  }
+  // find_job on chunk boundaries
+  for (size_t j = 0; j < jobs.size(); ++j)
+    if (begin[j] < begin[j + 1])
+      CHECK(find_job(begin.data(), (int64_t)jobs.size(), begin[j]) == (int64_t)j &&
+                find_job(begin.data(), (int64_t)jobs.size(), begin[j + 1] - 1) == (int64_t)j,
+            "%s: find_job at the edges of job %zu", name, j);
+  printf("  %-12s chunked == rows over %zu jobs, %lld chunks\n", name, jobs.size(), (long long)nchunks);
 }
 
 // z alone (fresh entries, sigma_fresh = 1) against the double formula, over many counters.
@@ -217,6 +293,10 @@ int main() {
   test_core_against_naive<f16_t>(false, "float16 1-D");
   test_core_against_naive<bf16_t>(true, "bfloat16 2-D");
   test_core_against_naive<bf16_t>(false, "bfloat16 1-D");
+  test_chunks_against_rows<float>("float32");
+  test_chunks_against_rows<double>("float64");
+  test_chunks_against_rows<f16_t>("float16");
+  test_chunks_against_rows<bf16_t>("bfloat16");
   printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures ? 1 : 0;
 }

@@ -11,8 +11,17 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
       col_scales is empty). Index maps are int64 (-1 = fresh), scales and signs
       any float dtype (used as float32, float64 for float64 sources). The maps
       may live on the CPU for CUDA sources: they are packed and moved in one copy.
-      Implementations: CPU (at::parallel_for over rows) and CUDA (one launch per
-      dtype for up to 4 members).
+      Implementations: CPU (at::parallel_for over rows) and CUDA (the one-group
+      case of widen_groups).
+  widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src,
+               Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds,
+               Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
+               float[] sigmas, float[] sigma_fresh, int[] streams) -> Tensor[]
+      Many groups in one call: group g has group_sizes[g] members; per-member
+      lists hold the members of group 0, then group 1, ...; per-group lists one
+      entry per group. CUDA: one staging copy and one launch per dtype for all of
+      them (apex multi_tensor_apply style); CPU: the same jobs and chunks in one
+      at::parallel_for per dtype.
   philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor
       Philox4x32-10((rows, cols, 0, 0), (seed, stream)) as int64 [..., 4]: the
       raw integer stream, for tests.
@@ -79,6 +88,17 @@ def _register_fakes():
         shape = (R,) if col_src is None else (R, col_src.shape[0])
         return [s.new_empty(shape) for s in srcs]
 
+    @torch.library.register_fake("growkern::widen_groups")
+    def _widen_groups_fake(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
+                           row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams):
+        outs, k = [], 0
+        for g, n in enumerate(group_sizes):
+            R = row_src[g].shape[0]
+            shape = (R,) if col_src[g] is None else (R, col_src[g].shape[0])
+            outs += [s.new_empty(shape) for s in srcs[k:k + n]]
+            k += n
+        return outs
+
     @torch.library.register_fake("growkern::philox_words")
     def _philox_words_fake(rows, cols, seed, stream):
         return rows.new_empty((*rows.shape, 4))
@@ -105,6 +125,76 @@ def widen_ext(tensors, group) -> list[torch.Tensor]:
     return list(torch.ops.growkern.widen_group(*op_args(tensors, group)))
 
 
+def groups_args(items):
+    """The widen_groups arguments for a list of backend-style (tensors, group)."""
+    per_group = ([], [], [], [], [], [], [])  # group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds
+    per_member = ([], [], [], [], [], [], [])  # srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams
+    for tensors, group in items:
+        (srcs, row_src, col_src, row_scales, col_scales, fresh, sigmas, sigma_fresh, row_sign, col_sign,
+         noise_col, seed, streams) = op_args(tensors, group)
+        for lst, v in zip(per_group, (len(srcs), row_src, col_src, row_sign, col_sign, noise_col, seed)):
+            lst.append(v)
+        col_scales = col_scales or [None] * len(srcs)
+        for lst, vs in zip(per_member, (srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams)):
+            lst.extend(vs)
+    srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams = per_member
+    sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds = per_group
+    return (srcs, sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_scales, col_scales,
+            fresh, sigmas, sigma_fresh, streams)
+
+
+def widen_many_ext(items) -> list[list[torch.Tensor]]:
+    """The batch form of "cpu" and "cuda": one widen_groups call for all the groups."""
+    if load() is None:
+        raise RuntimeError(load_error())
+    if not items:
+        return []
+    flat = list(torch.ops.growkern.widen_groups(*groups_args(items)))
+    out, k = [], 0
+    for tensors, _ in items:
+        out.append(flat[k:k + len(tensors)])
+        k += len(tensors)
+    return out
+
+
+def philox_words(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
+    if load() is None:
+        raise RuntimeError(load_error())
+    return torch.ops.growkern.philox_words(rows, cols, seed, stream)
+
+
+def groups_args(items):
+    """The widen_groups arguments for a list of backend-style (tensors, group)."""
+    per_group = ([], [], [], [], [], [], [])  # group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds
+    per_member = ([], [], [], [], [], [], [])  # srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams
+    for tensors, group in items:
+        (srcs, row_src, col_src, row_scales, col_scales, fresh, sigmas, sigma_fresh, row_sign, col_sign,
+         noise_col, seed, streams) = op_args(tensors, group)
+        for lst, v in zip(per_group, (len(srcs), row_src, col_src, row_sign, col_sign, noise_col, seed)):
+            lst.append(v)
+        col_scales = col_scales or [None] * len(srcs)
+        for lst, vs in zip(per_member, (srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams)):
+            lst.extend(vs)
+    srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams = per_member
+    sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds = per_group
+    return (srcs, sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_scales, col_scales,
+            fresh, sigmas, sigma_fresh, streams)
+
+
+def widen_many_ext(items) -> list[list[torch.Tensor]]:
+    """The batch form of "cpu" and "cuda": one widen_groups call for all the groups."""
+    if load() is None:
+        raise RuntimeError(load_error())
+    if not items:
+        return []
+    flat = list(torch.ops.growkern.widen_groups(*groups_args(items)))
+    out, k = [], 0
+    for tensors, _ in items:
+        out.append(flat[k:k + len(tensors)])
+        k += len(tensors)
+    return out
+
+
 def philox_words(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     if load() is None:
         raise RuntimeError(load_error())
@@ -123,6 +213,34 @@ def widen_cuda(tensors, group) -> list[torch.Tensor]:
     if any(t.device.type != "cuda" for t in tensors):
         raise ValueError("the cuda backend takes CUDA tensors")
     return widen_ext(tensors, group)
+
+
+def _on_device(device_type: str, tensors, backend: str):
+    if any(t.device.type != device_type for t in tensors):
+        other = "backend='cuda'/'triton'/'auto' for GPU ones" if device_type == "cpu" else "backend='cpu'/'auto' for CPU ones"
+        raise ValueError(f"the {backend} backend takes {device_type.upper()} tensors; use {other}")
+
+
+def widen_cpu(tensors, group) -> list[torch.Tensor]:
+    """The "cpu" backend: the C++ kernels, CPU tensors only."""
+    _on_device("cpu", tensors, "cpu")
+    return widen_ext(tensors, group)
+
+
+def widen_cuda(tensors, group) -> list[torch.Tensor]:
+    """The "cuda" backend: the CUDA kernels, CUDA tensors only."""
+    _on_device("cuda", tensors, "cuda")
+    return widen_ext(tensors, group)
+
+
+def widen_many_cpu(items) -> list[list[torch.Tensor]]:
+    _on_device("cpu", [t for ts, _ in items for t in ts], "cpu")
+    return widen_many_ext(items)
+
+
+def widen_many_cuda(items) -> list[list[torch.Tensor]]:
+    _on_device("cuda", [t for ts, _ in items for t in ts], "cuda")
+    return widen_many_ext(items)
 
 
 # growkern._C names this module as the home of its fake implementations
