@@ -74,15 +74,21 @@ def _extension_setup():
     csrc = "csrc"
     sources = [f"{csrc}/widen_cpu.cpp", f"{csrc}/widen_core.cpp"]
     cxx = ["-O3", f"-DGK_WITH_CUDA={int(with_cuda)}"]
+    link = []
+    # at::parallel_for is inline code: with torch's OpenMP backend it only runs in
+    # parallel if this extension is compiled with OpenMP too (and it then shares
+    # torch's libgomp, so torch.set_num_threads applies).
+    if sys.platform.startswith("linux") and getattr(torch._C, "has_openmp", False):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
+    kw = dict(extra_compile_args=extra, extra_link_args=link, include_dirs=[str(ROOT / csrc)])
     if with_cuda:
         sources.append(f"{csrc}/widen_cuda.cu")
         extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DGK_WITH_CUDA=1"]
-        ext = ce.CUDAExtension("growkern._C", sources, extra_compile_args=extra,
-                               include_dirs=[str(ROOT / csrc)])
+        ext = ce.CUDAExtension("growkern._C", sources, **kw)
     else:
-        ext = ce.CppExtension("growkern._C", sources, extra_compile_args=extra,
-                              include_dirs=[str(ROOT / csrc)])
+        ext = ce.CppExtension("growkern._C", sources, **kw)
     info = dict(with_cuda=with_cuda, torch_version=torch.__version__,
                 cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "")
 

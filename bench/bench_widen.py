@@ -1,34 +1,44 @@
-"""Benchmark the widen primitive's backends on a model-sized list of tensors.
+"""Benchmark the widen primitive on a ladder of GPT-like training states.
 
-Default: GPT-2 small (d_model 768, d_ff 3072, 12 layers, vocab 50257, context
-1024, biases, LayerNorm, tied embeddings) grown by factor 2, each parameter with
-its AdamW moments (param + exp_avg + exp_avg_sq = one group per parameter), the
-parameter with noise (sigma on copied units, antithetic column pairs). Every
-available backend and the reference run in the same process over the same groups;
-outputs are dropped as they are made, as in widen_.
+Each rung is a GPT-2-shaped model (d_model d, d_ff 4d, n_layer blocks, vocab
+50257, context 1024, biases, LayerNorm) grown by --factor, every parameter with
+its AdamW moments (param + exp_avg + exp_avg_sq: one group of three members per
+parameter), the parameter with noise (sigma on copied units, antithetic column
+pairs) unless --noise 0. Methods, all in one process over the same groups:
 
-Bytes counted per group: every member's old tensor read once plus its new
-tensor written once (maps, scales and signs are small and not counted). GB/s
-is that over the median wall time of a full pass; the fraction is of the
-device's memory bandwidth: --bandwidth GB/s, else a known table for GPUs, and
-always of a measured copy (dst.copy_(src) of 256 MiB, counting read + write).
-Peak memory: CPU peak RSS (VmHWM, reset per backend through
-/proc/self/clear_refs) or torch.cuda.max_memory_allocated. Rows are appended
-to bench/results/widen.csv.
+  <backend>        the backend as widen_ runs it: parameters in batches of at most
+                   the largest group's bytes, one call per batch (for cuda: one
+                   staging copy and one kernel launch per batch)
+  <backend>/group  the native backends called once per parameter group
+  eager            what people write by hand: index_select rows and columns,
+                   multiply the scales, torch.where the fresh units, torch.randn
+                   noise; one member at a time, in the tensors' dtype
+  reference        growkern.ops.reference_widen (float64, numpy Philox): the spec
+  alloc            allocate the new tensors and fill them once: the floor of any
+                   out-of-place method
 
-    python bench/bench_widen.py                       # all backends for the tensors' device
-    python bench/bench_widen.py --device cuda --repeats 20
-    python bench/bench_widen.py --layers 2 --backends cpu,reference
+Bytes counted per pass: every member's old tensor read once plus its new tensor
+written once (maps and scales are small and not counted). GB/s is that over the
+median time; `frac_copy` is the fraction of a measured device copy (dst.copy_(src)
+of 512 MiB, read + write counted), `frac_nominal` of the nominal bandwidth
+(--bandwidth, or a table of known GPUs). Peak extra memory is the peak during the
+pass minus what was in use before it (CPU: VmHWM reset through
+/proc/self/clear_refs, less the RSS; CUDA: max_memory_allocated less
+memory_allocated). Rows go to bench/results/widen.csv; --plot draws them.
+
+    python bench/bench_widen.py                                 # CPU: d_model 256, 512
+    python bench/bench_widen.py --device cuda                   # d_model 256 .. 2048, fp32 + bf16
+    python bench/bench_widen.py --sizes 768 --dtypes float32 --methods cpu,eager
+    python bench/bench_widen.py --plot bench/results/widen.png  # plot the CSV, no run
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime as dt
+import importlib.util
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import zlib
@@ -36,30 +46,27 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+from benchenv import device_name, git_commit, sync  # noqa: E402
 from growkern.backends import backends, resolve_backend  # noqa: E402
-from growkern.ops import TensorScales, WidenGroup  # noqa: E402
+from growkern.ops import TensorScales, WidenGroup, reference_widen  # noqa: E402
+from growkern.widen import batch_indices  # noqa: E402
 
 # nominal memory bandwidth, GB/s (1e9 bytes/s), by device-name substring
 KNOWN_BANDWIDTH = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
-                   "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0,
-                   "L40S": 864.0, "A10G": 600.0, "RTX 4090": 1008.0}
-
-MODELS = {
-    "gpt2-small": dict(d_model=768, d_ff=3072, n_layer=12, vocab=50257, ctx=1024),
-    "gpt2-medium": dict(d_model=1024, d_ff=4096, n_layer=24, vocab=50257, ctx=1024),
-    "tiny": dict(d_model=64, d_ff=256, n_layer=2, vocab=512, ctx=64),
-}
+                   "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0}
+VOCAB, CTX = 50257, 1024
 
 
-def model_shapes(name: str, layers: int | None):
-    """(name, old shape, new shape, (row axis grows?, col axis grows?)) of every parameter."""
-    m = MODELS[name]
-    d, ff, L = m["d_model"], m["d_ff"], m["n_layer"] if layers is None else layers
-    out = [("wte.weight", (m["vocab"], d), ("fixed", "d")), ("wpe.weight", (m["ctx"], d), ("fixed", "d"))]
-    for i in range(L):
+def model_shapes(d: int, n_layer: int):
+    """(name, old shape, (row axis, col axis)) of every parameter; an axis named
+    'fixed' does not grow."""
+    ff = 4 * d
+    out = [("wte.weight", (VOCAB, d), ("fixed", "d")), ("wpe.weight", (CTX, d), ("fixed", "d"))]
+    for i in range(n_layer):
         b = f"h.{i}"
         out += [(f"{b}.ln_1.weight", (d,), ("d",)), (f"{b}.ln_1.bias", (d,), ("d",))]
         for p in ("q", "k", "v", "o"):
@@ -72,8 +79,8 @@ def model_shapes(name: str, layers: int | None):
 
 
 def make_group(name, old_shape, axes, factor, noise: float, n_members: int) -> WidenGroup:
-    """A copy-growth group: grown axes read unit j % old, consume-side copies split
-    (scale 1/factor), noise on the parameter with antithetic column pairs."""
+    """A copy-growth group: grown axes read unit j % old, columns split (scale
+    1/factor), noise on the parameter with antithetic column pairs."""
     def axis(n_old, grows):
         n_new = n_old * factor if grows else n_old
         idx = torch.arange(n_new)
@@ -87,31 +94,105 @@ def make_group(name, old_shape, axes, factor, noise: float, n_members: int) -> W
                      None if cols is None else cols[2], None if cols is None else cols[3], seed=1234)
     row_scale = torch.ones(rows[0], dtype=torch.float64)
     col_scale = None if cols is None else torch.full((cols[0],), 1.0 / factor, dtype=torch.float64)
-    stream = zlib.crc32(name.encode())
-    grp.members.append(TensorScales(row_scale, col_scale, 0.0, noise, 0.0, stream))
+    grp.members.append(TensorScales(row_scale, col_scale, 0.0, noise, 0.0, zlib.crc32(name.encode())))
     for k in range(1, n_members):
         p = 2 if k == 2 else 1  # exp_avg_sq takes squared scales
         grp.members.append(TensorScales(row_scale ** p, None if col_scale is None else col_scale ** p))
     return grp
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# --- methods: each maps a list of (srcs, group) to new tensors, dropped as made -------------
+
+def eager_widen(srcs, grp, gen):
+    """The hand-written way: gathers, broadcast scales, where, randn; one member at a time."""
+    dev = srcs[0].device
+    rows = grp.row_src.to(dev)
+    cols = None if grp.col_src is None else grp.col_src.to(dev)
+    ok = rows >= 0 if cols is None else (rows >= 0)[:, None] & (cols >= 0)[None, :]
+    outs = []
+    for src, m in zip(srcs, grp.members):
+        x = src.index_select(0, rows.clamp(min=0))
+        scale = m.row_scale.to(dev, src.dtype)
+        if cols is not None:
+            x = x.index_select(1, cols.clamp(min=0))
+            scale = scale[:, None] * m.col_scale.to(dev, src.dtype)[None, :]
+        x = torch.where(ok, x * scale, torch.full_like(x, m.fresh_value))
+        if m.sigma:
+            sign = grp.row_sign.to(dev, src.dtype)
+            if cols is not None:
+                sign = sign[:, None] * grp.col_sign.to(dev, src.dtype)[None, :]
+            x = x + m.sigma * sign * torch.randn(x.shape, generator=gen, device=dev, dtype=src.dtype)
+        outs.append(x)
+    return outs
 
 
-def reset_peak(device):
+def method_runner(method: str, device, work, sizes):
+    """fn() doing one full pass of `method` over `work`."""
+    if method == "alloc":
+        def run():
+            for srcs, grp in work:
+                outs = [torch.empty(grp.shape, dtype=s.dtype, device=device).fill_(1.0) for s in srcs]
+                del outs
+        return run
+    if method == "eager":
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def run():
+            for srcs, grp in work:
+                outs = eager_widen(srcs, grp, gen)
+                del outs
+        return run
+    if method == "reference":
+        def run():
+            for srcs, grp in work:
+                outs = [reference_widen(s, grp, m) for s, m in zip(srcs, grp.members)]
+                del outs
+        return run
+    name, _, per = method.partition("/")
+    if per == "group":
+        fn, _ = resolve_backend(name, device)
+
+        def run():
+            for srcs, grp in work:
+                outs = fn(srcs, grp)
+                del outs
+        return run
+    many, _ = resolve_backend(name, device, batch=True)
+    batches = batch_indices(sizes)
+
+    def run():
+        for b in batches:
+            outs = many([work[i] for i in b])
+            del outs
+    return run
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+def _rss_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak(device) -> float:
+    """Resets the peak counter; returns the memory in use now (MiB)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return torch.cuda.memory_allocated(device) / 2**20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+    return _rss_mb() or 0.0
 
 
-def peak_mb(device) -> float:
+def _peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -120,14 +201,21 @@ def peak_mb(device) -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
+
+
+def _free_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def copy_bandwidth(device) -> float:
-    """GB/s of dst.copy_(src) for 256 MiB, counting read + write."""
-    n = 64 * 2**20
-    src = torch.ones(n, dtype=torch.float32, device=device)
+    """GB/s of dst.copy_(src) for 512 MiB, counting read + write: the best of 5."""
+    src = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     times = []
     for _ in range(5):
@@ -139,153 +227,169 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes / min(times) / 1e9
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        commit = out.stdout.strip() or "none"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return commit + ("+dirty" if dirty and commit != "none" else "")
-    except Exception:
-        return "unknown"
+def measure(run, device, repeats: int, warmup: int):
+    for _ in range(warmup):
+        run()
+    before = _reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return dict(median=statistics.median(times), p20=qs[1], p80=qs[7], repeats=repeats,
+                extra_mb=max(0.0, _peak_mb(device) - before))
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+# --- the ladder -------------------------------------------------------------------------------
+
+def run_rung(d, dtype, args, device, methods, env, writer):
+    shapes = model_shapes(d, args.layers)
+    gen = torch.Generator().manual_seed(0)
+    esize = torch.empty(0, dtype=dtype).element_size()
+    groups = [(make_group(name, old, axes, args.factor, args.noise, args.members), old) for name, old, axes in shapes]
+    old_numel = sum(torch.Size(old).numel() for _, old in groups)
+    new_numel = sum(torch.Size(g.shape).numel() for g, _ in groups)
+    n_bytes = args.members * esize * (old_numel + new_numel)
+    if 1.1 * n_bytes > _free_bytes(device):
+        print(f"# d_model {d} {dtype}: skipped, old + new state ({n_bytes / 2**30:.1f} GiB) does not fit")
+        return
+    work = [([torch.randn(old, generator=gen).to(device=device, dtype=dtype) for _ in range(args.members)], g)
+            for g, old in groups]
+    sizes = [args.members * esize * torch.Size(old).numel() for _, old in groups]
+    print(f"\n# d_model {d}, {args.layers} layers, x{args.factor}, {dtype}: {len(work)} groups x {args.members} "
+          f"members, {old_numel / 1e6:.1f}M -> {new_numel / 1e6:.1f}M parameters, {n_bytes / 1e9:.2f} GB per pass, "
+          f"{len(batch_indices(sizes))} batches")
+    print(f"{'method':>14} {'median ms':>11} {'p20..p80 ms':>21} {'GB/s':>8} {'%copy':>6} {'%nominal':>8} "
+          f"{'extra MiB':>9} {'x eager':>8} {'x ref':>7}")
+    # glibc's malloc adapts its mmap threshold to the first large frees; two untimed
+    # passes put the allocator in the state every method then sees
+    warm = method_runner("alloc", device, work, sizes)
+    warm()
+    warm()
+    results = {}
+    for method in methods:
+        run = method_runner(method, device, work, sizes)
+        slow = method == "reference"
+        r = measure(run, device, args.reference_repeats if slow else args.repeats, 0 if slow else args.warmup)
+        r["gbps"] = n_bytes / r["median"] / 1e9
+        results[method] = r
+    for method, r in results.items():
+        frac_copy = r["gbps"] / env["copy_gbps"]
+        frac_nom = r["gbps"] / env["nominal_gbps"] if env["nominal_gbps"] else None
+        x_eager = results["eager"]["median"] / r["median"] if "eager" in results else None
+        x_ref = results["reference"]["median"] / r["median"] if "reference" in results else None
+        print(f"{method:>14} {1e3 * r['median']:11.2f} {1e3 * r['p20']:10.2f}..{1e3 * r['p80']:<10.2f} "
+              f"{r['gbps']:8.2f} {100 * frac_copy:5.1f}% " + (f"{100 * frac_nom:7.1f}%" if frac_nom else f"{'-':>8}")
+              + f" {r['extra_mb']:9.0f} " + (f"{x_eager:8.2f}" if x_eager else f"{'-':>8}")
+              + (f" {x_ref:7.1f}" if x_ref else f" {'-':>7}"))
+        writer(dict(date=env["date"], commit=env["commit"], device=env["device"], torch=torch.__version__,
+                    triton=env["triton"], kernel="widen", method=method, d_model=d, n_layer=args.layers,
+                    factor=args.factor, dtype=str(dtype).replace("torch.", ""), members=args.members,
+                    noise=args.noise, groups=len(work), params_old=old_numel, params_new=new_numel, bytes=n_bytes,
+                    repeats=r["repeats"], median_ms=f"{1e3 * r['median']:.3f}", p20_ms=f"{1e3 * r['p20']:.3f}",
+                    p80_ms=f"{1e3 * r['p80']:.3f}", gbps=f"{r['gbps']:.3f}", copy_gbps=f"{env['copy_gbps']:.3f}",
+                    frac_copy=f"{frac_copy:.4f}", nominal_gbps=env["nominal_gbps"] or "",
+                    frac_nominal=f"{frac_nom:.4f}" if frac_nom else "", peak_extra_mb=f"{r['extra_mb']:.1f}",
+                    speedup_vs_eager=f"{x_eager:.2f}" if x_eager else "",
+                    speedup_vs_reference=f"{x_ref:.2f}" if x_ref else "", threads=torch.get_num_threads()))
+    del work
+
+
+def plot(csv_path: Path, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(csv_path)))
+    devices = sorted({r["device"] for r in rows})
+    fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4.2), squeeze=False)
+    for ax, device in zip(axes[0], devices):
+        latest = {}
+        for r in rows:  # the newest row of each (method, dtype, noise, d_model) on this device
+            if r["device"] == device:
+                latest[(r["method"], r["dtype"], r["noise"], int(r["d_model"]))] = r
+        for method, dtype, noise in sorted({k[:3] for k in latest}):
+            pts = sorted((k[3], float(r["gbps"])) for k, r in latest.items() if k[:3] == (method, dtype, noise))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{method} {dtype}" + (" noise" if float(noise) else ""))
+        copy = max(float(r["copy_gbps"]) for r in latest.values())
+        ax.axhline(copy, color="k", ls="--", lw=1, label="device copy")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("d_model (before growth)")
+        ax.set_ylabel("GB/s (old read + new written)")
+        ax.set_title(device, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"# wrote {out}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
-    ap.add_argument("--layers", type=int, default=None, help="only the first N blocks (default: all)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default=None, help="d_model ladder (default 256,512 on CPU, 256..2048 on CUDA)")
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--factor", type=int, default=2)
     ap.add_argument("--members", type=int, default=3, help="1 = param, 2 = + exp_avg, 3 = + exp_avg_sq")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--noise", type=float, default=1e-3, help="sigma on the parameter (0: no noise)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backends", default=None, help="comma list (default: every available one + reference)")
+    ap.add_argument("--methods", default=None,
+                    help="comma list (default: every available native backend batched and per group, eager, "
+                         "reference, alloc)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default 10 cuda, 3 cpu)")
-    ap.add_argument("--reference-repeats", type=int, default=1, help="timed passes of the reference")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed passes (the reference: none)")
-    ap.add_argument("--bandwidth", type=float, default=None, help="device memory bandwidth, GB/s")
-    ap.add_argument("--csv", default=str(ROOT / "bench" / "results" / "widen.csv"))
+    ap.add_argument("--reference-repeats", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--bandwidth", type=float, default=None, help="nominal device memory bandwidth, GB/s")
+    ap.add_argument("--csv", default=str(HERE / "results" / "widen.csv"))
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--plot", default=None, help="write a PNG of the CSV's rows and exit")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(Path(args.csv), Path(args.plot))
+        return
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    args.repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    sizes = [int(s) for s in (args.sizes or ("256,512,1024,2048" if device.type == "cuda" else "256,512")).split(",")]
     avail = backends()
-    if args.backends:
-        names = args.backends.split(",")
-    else:
-        cands = ("cuda", "triton") if device.type == "cuda" else ("cpu", "triton")
-        names = [b for b in cands if avail[b] == "available"] + ["reference"]
-        if device.type == "cpu" and "triton" in names:
-            names.remove("triton")  # the interpreter is a correctness tool, not a CPU backend
     for b, why in avail.items():
         if why != "available":
             print(f"# backend {b}: {why}")
-
-    shapes = model_shapes(args.model, args.layers)
-    gen = torch.Generator().manual_seed(0)
-    work = []
-    n_bytes = 0
-    esize = torch.tensor([], dtype=dtype).element_size()
-    for name, old_shape, axes in shapes:
-        grp = make_group(name, old_shape, axes, args.factor, args.noise, args.members)
-        srcs = [torch.randn(old_shape, generator=gen).to(device=device, dtype=dtype) for _ in range(args.members)]
-        new_numel = grp.row_src.numel() * (1 if grp.col_src is None else grp.col_src.numel())
-        n_bytes += args.members * esize * (srcs[0].numel() + new_numel)
-        work.append((grp, srcs))
-    n_new = sum(g.row_src.numel() * (1 if g.col_src is None else g.col_src.numel()) for g, _ in work)
-    bw_nominal = args.bandwidth
-    if bw_nominal is None and device.type == "cuda":
-        dn = torch.cuda.get_device_name(device)
-        bw_nominal = next((v for k, v in KNOWN_BANDWIDTH.items() if k in dn), None)
-    bw_copy = copy_bandwidth(device)
-    dev_name = device_name(device)
-    print(f"# {args.model} x{args.factor}, {len(work)} groups x {args.members} members, {args.dtype}, "
-          f"{n_new / 1e6:.1f}M new entries per member, {n_bytes / 1e9:.3f} GB moved per pass")
-    print(f"# device {dev_name}; copy bandwidth {bw_copy:.1f} GB/s"
-          + (f"; nominal {bw_nominal:.0f} GB/s" if bw_nominal else ""))
-
-    # the floor of any out-of-place kernel: allocate the new tensors and write them once
-    alloc_times = []
-    for _ in range(3):
-        sync(device)
-        t = time.perf_counter()
-        for grp, srcs in work:
-            shape = (grp.row_src.numel(),) if grp.col_src is None else (grp.row_src.numel(), grp.col_src.numel())
-            outs = [torch.empty(shape, dtype=dtype, device=device).fill_(1.0) for _ in srcs]
-            del outs
-        sync(device)
-        alloc_times.append(time.perf_counter() - t)
-    print(f"# allocating + filling the new tensors alone: {min(alloc_times):.4f} s")
+    if args.methods:
+        methods = args.methods.split(",")
+    else:
+        native = [b for b in (("cuda", "triton") if device.type == "cuda" else ("cpu",)) if avail[b] == "available"]
+        methods = native + [f"{b}/group" for b in native if b != "triton"] + ["eager", "reference", "alloc"]
+    nominal = args.bandwidth
+    if nominal is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        nominal = next((v for k, v in KNOWN_BANDWIDTH.items() if k in name), None)
+    triton_v = ""
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+        triton_v = triton.__version__
+    env = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), commit=git_commit(),
+               device=device_name(device), triton=triton_v, copy_gbps=copy_bandwidth(device), nominal_gbps=nominal)
+    print(f"# {env['device']}, torch {torch.__version__}, triton {triton_v or '-'}, commit {env['commit']}; "
+          f"copy {env['copy_gbps']:.1f} GB/s" + (f", nominal {nominal:.0f} GB/s" if nominal else ""))
 
     rows = []
-    for b in names:
-        fn, resolved = resolve_backend(b, device)
-        reps = args.reference_repeats if b == "reference" else repeats
-        reset_peak(device)
-        times = []
-        warmup = 0 if b == "reference" else args.warmup
-        for it in range(warmup + reps):
-            sync(device)
-            t = time.perf_counter()
-            for grp, srcs in work:
-                outs = fn(srcs, grp)
-                del outs
-            sync(device)
-            if it >= warmup:
-                times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        rows.append(dict(backend=resolved, median_s=med, min_s=min(times), max_s=max(times), repeats=reps,
-                         gbps=n_bytes / med / 1e9, peak_mb=peak_mb(device)))
-    ref = next((r["median_s"] for r in rows if r["backend"] == "reference"), None)
-    print(f"{'backend':>10} {'median s':>10} {'min..max s':>17} {'GB/s':>8} {'%copy':>6} {'%nominal':>8} "
-          f"{'peak MiB':>9} {'x ref':>7}")
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    commit = git_commit()
-    out_rows = []
-    for r in rows:
-        frac_copy = r["gbps"] / bw_copy
-        frac_nom = r["gbps"] / bw_nominal if bw_nominal else None
-        speedup = ref / r["median_s"] if ref else None
-        print(f"{r['backend']:>10} {r['median_s']:10.4f} {r['min_s']:8.4f}..{r['max_s']:<8.4f} {r['gbps']:8.2f} "
-              f"{100 * frac_copy:5.1f}% " + (f"{100 * frac_nom:7.1f}%" if frac_nom else f"{'-':>8}")
-              + f" {r['peak_mb']:9.0f} " + (f"{speedup:7.1f}" if speedup else f"{'-':>7}"))
-        out_rows.append(dict(date=stamp, commit=commit, device=dev_name, torch=torch.__version__,
-                             backend=r["backend"], model=args.model, layers=args.layers or "all",
-                             factor=args.factor, groups=len(work), members=args.members, dtype=args.dtype,
-                             noise=args.noise, new_entries=n_new, bytes=n_bytes, repeats=r["repeats"],
-                             median_s=f"{r['median_s']:.6f}", min_s=f"{r['min_s']:.6f}",
-                             max_s=f"{r['max_s']:.6f}", gbps=f"{r['gbps']:.3f}",
-                             copy_gbps=f"{bw_copy:.3f}", frac_copy=f"{frac_copy:.4f}",
-                             nominal_gbps=bw_nominal or "", frac_nominal=f"{frac_nom:.4f}" if frac_nom else "",
-                             peak_mem_mb=f"{r['peak_mb']:.1f}", speedup_vs_reference=f"{speedup:.2f}" if speedup else "",
-                             threads=torch.get_num_threads()))
-    if not args.no_csv and out_rows:
+    for d in sizes:
+        for dtype in args.dtypes.split(","):
+            run_rung(d, getattr(torch, dtype), args, device, methods, env, rows.append)
+    if not args.no_csv and rows:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
             if new:
                 w.writeheader()
-            w.writerows(out_rows)
-        print(f"# appended {len(out_rows)} rows to {os.path.relpath(path)}")
+            w.writerows(rows)
+        print(f"# appended {len(rows)} rows to {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

@@ -260,9 +260,10 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
 // apex's multi_tensor_apply does. Each job's R*C elements are cut into vectors
 // of VEC elements (16 bytes of every member) and the vectors into chunks of
 // kChunkVecs; chunk b belongs to the job j with chunk_begin[j] <= b <
-// chunk_begin[j + 1]. A CUDA block takes a chunk, its threads the vectors; the
-// CPU runs the same widen_vec over the same chunks, so the CPU build exercises
-// the GPU's per-thread code.
+// chunk_begin[j + 1]. A CUDA block takes a chunk, its threads the vectors.
+// The CPU runs the same jobs with the row loop above; the unit test
+// (csrc/tests/test_core.cpp) runs widen_vec over the chunks on the host and
+// checks it bit for bit against the row loop.
 
 constexpr int kJobMembers = 4;
 constexpr int64_t kChunkVecs = 1024;  // 4 vectors per thread of a 256-thread block
@@ -408,18 +409,6 @@ int64_t plan_chunks(const WidenJob<scalar_t>* jobs, int64_t njobs, int64_t* chun
   }
   chunk_begin[njobs] = total;
   return total;
-}
-
-// Chunks [b0, b1) on the host, in order: the CPU's form of the CUDA launch.
-template <typename scalar_t>
-void widen_chunks(const WidenJob<scalar_t>* jobs, const int64_t* chunk_begin, int64_t njobs, int64_t b0,
-                  int64_t b1) {
-  constexpr int VEC = widen_vec_width<scalar_t>();
-  for (int64_t b = b0; b < b1; ++b) {
-    int64_t j, v0, v1;
-    chunk_vectors(jobs, chunk_begin, njobs, b, &j, &v0, &v1);
-    for (int64_t v = v0; v < v1; ++v) widen_vec<scalar_t, VEC>(jobs[j], v * VEC);
-  }
 }
 
 // Instantiated in widen_core.cpp (the growkern_core library).

@@ -41,7 +41,7 @@ void run_cpu(const WidenPlan& p, const std::vector<int>& idx, at::TensorList src
     m.noisy = p.noisy[i];
     ms.push_back(m);
   }
-  const int64_t per_row = p.two_d ? p.C * (int64_t)ms.size() : (int64_t)ms.size();
+  const int64_t per_row = p.C * (int64_t)ms.size();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
   at::parallel_for(0, p.R, grain, [&](int64_t b, int64_t e) {
     widen_rows<scalar_t>(g, ms.data(), (int)ms.size(), b, e);
@@ -135,8 +135,9 @@ std::vector<at::Tensor> widen_group_cpu(at::TensorList srcs, const at::Tensor& r
   return outs;
 }
 
-// The multi-group op on the CPU: the jobs and chunks of the CUDA launch, run by
-// at::parallel_for (each chunk is one task's unit; results do not depend on the split).
+// The multi-group op on the CPU: the staged jobs of the CUDA path (widen_jobs.h),
+// each run by the row loop in parallel over its rows. (The CUDA launch's
+// per-thread code, widen_vec, is checked against the row loop by ctest.)
 std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef group_sizes, at::TensorList row_src,
                                          const OptTensorList& col_src, at::TensorList row_sign,
                                          const OptTensorList& col_sign, const OptTensorList& noise_col,
@@ -149,14 +150,18 @@ std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef gr
   if (groups.empty()) return {};
   TORCH_CHECK(groups[0].srcs[0].device().is_cpu(), "widen_groups (CPU): sources must be CPU tensors");
   return widen_groups_impl(groups, at::Device(at::kCPU),
-                           [](at::ScalarType dt, const void* jobs, const int64_t* begin, int64_t njobs,
-                              int64_t nchunks) {
+                           [](at::ScalarType dt, const void* jobs, const int64_t*, int64_t njobs, int64_t) {
                              auto loop = [&](auto tag) {
                                using scalar_t = decltype(tag);
                                const auto* js = static_cast<const WidenJob<scalar_t>*>(jobs);
-                               at::parallel_for(0, nchunks, 1, [&](int64_t b0, int64_t b1) {
-                                 widen_chunks<scalar_t>(js, begin, njobs, b0, b1);
-                               });
+                               for (int64_t j = 0; j < njobs; ++j) {
+                                 const auto& job = js[j];
+                                 const int64_t per_row = job.maps.C * job.n_members;
+                                 const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
+                                 at::parallel_for(0, job.maps.R, grain, [&](int64_t r0, int64_t r1) {
+                                   widen_rows<scalar_t>(job.maps, job.m, job.n_members, r0, r1);
+                                 });
+                               }
                              };
                              if (dt == at::kFloat) loop(float());
                              else if (dt == at::kDouble) loop(double());

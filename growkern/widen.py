@@ -234,28 +234,32 @@ def _orthogonalize_fresh_rows(w: torch.Tensor, tp: TensorPlan) -> int:
 
 # --- the mutation ---------------------------------------------------------------
 
+def batch_indices(sizes: list[int]) -> list[list[int]]:
+    """Consecutive items in batches of at most max(sizes) bytes of old state each.
+    Each batch is one call of the primitive (one CUDA launch per dtype), and the
+    peak extra memory stays the new state plus the largest group's old state, as
+    with one group at a time."""
+    budget = max(sizes, default=0)
+    batches, batch, used = [], [], 0
+    for i, size in enumerate(sizes):
+        if batch and used + size > budget:
+            batches.append(batch)
+            batch, used = [], 0
+        batch.append(i)
+        used += size
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def _batches(model, optimizer):
-    """Consecutive parameters in batches of at most as many old bytes as the largest
-    single parameter group holds: each batch is one call of the primitive (one CUDA
-    launch per dtype), and the peak extra memory stays the new state plus the
-    largest group's old state, as with one group at a time."""
     named = list(model.named_parameters())
 
     def old_bytes(p):
         state = optimizer.state.get(p, {}) if optimizer is not None else {}
         return p.nbytes + sum(v.nbytes for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v))
 
-    sizes = [old_bytes(p) for _, p in named]
-    budget = max(sizes, default=0)
-    batch, used = [], 0
-    for (name, p), size in zip(named, sizes):
-        if batch and used + size > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append((name, p))
-        used += size
-    if batch:
-        yield batch
+    return [[named[i] for i in b] for b in batch_indices([old_bytes(p) for _, p in named])]
 
 
 def _replace_data(p: nn.Parameter, new: torch.Tensor):

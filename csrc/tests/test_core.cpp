@@ -214,6 +214,19 @@ static void test_core_against_naive(bool two_d, const char* name) {
   printf("  %-12s worst error / bound = %.3f\n", name, worst);
 }
 
+// Chunks [b0, b1) on the host, in order: the CUDA launch (a block per chunk, a
+// thread per vector) emulated serially.
+template <typename scalar_t>
+static void widen_chunks(const WidenJob<scalar_t>* jobs, const int64_t* chunk_begin, int64_t njobs, int64_t b0,
+                  int64_t b1) {
+  constexpr int VEC = widen_vec_width<scalar_t>();
+  for (int64_t b = b0; b < b1; ++b) {
+    int64_t j, v0, v1;
+    chunk_vectors(jobs, chunk_begin, njobs, b, &j, &v0, &v1);
+    for (int64_t v = v0; v < v1; ++v) widen_vec<scalar_t, VEC>(jobs[j], v * VEC);
+  }
+}
+
 // The multi-tensor form (jobs, chunks, widen_vec: the CUDA kernel's per-thread
 // code) writes the same bits as the row loop, for jobs of odd sizes that end
 // mid-vector and mid-chunk, 1-D and 2-D mixed, members split across jobs.
