@@ -21,10 +21,10 @@ Bytes counted per pass: every member's old tensor read once plus its new tensor
 written once (maps and scales are small and not counted). GB/s is that over the
 median time; `frac_copy` is the fraction of a measured device copy (dst.copy_(src)
 of 512 MiB, read + write counted), `frac_nominal` of the nominal bandwidth
-(--bandwidth, or a table of known GPUs). Peak extra memory is the peak during the
-pass minus what was in use before it (CPU: VmHWM reset through
-/proc/self/clear_refs, less the RSS; CUDA: max_memory_allocated less
-memory_allocated). Rows go to bench/results/widen.csv; --plot draws them.
+(--bandwidth, or a table of known GPUs). Peak extra memory is the peak during a
+method's first pass (untimed) minus what was in use before it (CPU: VmHWM reset
+through /proc/self/clear_refs, less the RSS after malloc_trim; CUDA:
+max_memory_allocated less memory_allocated). Rows go to bench/results/widen.csv; --plot draws them.
 
     python bench/bench_widen.py                                 # CPU: d_model 256, 512
     python bench/bench_widen.py --device cuda                   # d_model 256 .. 2048, fp32 + bf16
@@ -227,10 +227,24 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes / min(times) / 1e9
 
 
+def _malloc_trim():
+    """Hand glibc's free heap pages back to the OS, so that RSS is the live set."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(run, device, repeats: int, warmup: int):
-    for _ in range(warmup):
-        run()
+    # the first pass measures memory (and warms up): peak in use during it, less before it
+    if device.type == "cpu":
+        _malloc_trim()
     before = _reset_peak(device)
+    run()
+    extra_mb = max(0.0, _peak_mb(device) - before)
+    for _ in range(warmup - 1):
+        run()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -239,8 +253,7 @@ def measure(run, device, repeats: int, warmup: int):
         sync(device)
         times.append(time.perf_counter() - t)
     qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return dict(median=statistics.median(times), p20=qs[1], p80=qs[7], repeats=repeats,
-                extra_mb=max(0.0, _peak_mb(device) - before))
+    return dict(median=statistics.median(times), p20=qs[1], p80=qs[7], repeats=repeats, extra_mb=extra_mb)
 
 
 # --- the ladder -------------------------------------------------------------------------------
@@ -273,7 +286,7 @@ def run_rung(d, dtype, args, device, methods, env, writer):
     for method in methods:
         run = method_runner(method, device, work, sizes)
         slow = method == "reference"
-        r = measure(run, device, args.reference_repeats if slow else args.repeats, 0 if slow else args.warmup)
+        r = measure(run, device, args.reference_repeats if slow else args.repeats, 1 if slow else args.warmup)
         r["gbps"] = n_bytes / r["median"] / 1e9
         results[method] = r
     for method, r in results.items():
@@ -341,7 +354,7 @@ def main(argv=None):
                          "reference, alloc)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default 10 cuda, 3 cpu)")
     ap.add_argument("--reference-repeats", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes (>= 1: the first measures memory)")
     ap.add_argument("--bandwidth", type=float, default=None, help="nominal device memory bandwidth, GB/s")
     ap.add_argument("--csv", default=str(HERE / "results" / "widen.csv"))
     ap.add_argument("--no-csv", action="store_true")

@@ -542,6 +542,69 @@ def test_auto_resolution():
         assert v == "available" or len(v) > 10, (k, v)
 
 
+# --- widen_ end to end, and the fallback when the extension is absent --------------------------
+
+def _grown_state(backend, device, strategy):
+    from growkern import GPT, GPTConfig, widen_
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=37, block_size=8, n_layer=2, n_head=2, d_model=12, d_ff=20)).to(device)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randint(0, 37, (2, 8), generator=torch.Generator().manual_seed(1)).to(device)
+    _, loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    rep = widen_(m, opt, factor=2, strategy=strategy, seed=5, backend=backend)
+    state = {n: p.detach().cpu().clone() for n, p in m.named_parameters()}
+    for n, p in m.named_parameters():
+        for k, v in opt.state[p].items():
+            if k != "step":
+                state[f"{n}.{k}"] = v.cpu().clone()
+    # the grown model trains on
+    _, loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    return rep, state
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("strategy", ["exact_copy", "perturb"])
+def test_widen_end_to_end_matches_reference_backend(backend, strategy):
+    """A whole growth (every parameter and AdamW moment, noise included) with each
+    backend equals the reference backend's to float32 rounding: within 2^-20 of each
+    tensor's largest entry (the bound above, where noise nearly cancels the base)."""
+    _backend(backend)
+    rep, got = _grown_state(backend, _device(backend), strategy)
+    assert rep.backend == backend
+    _, want = _grown_state("reference", torch.device("cpu"), strategy)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2.0**-20, atol=2.0**-20 * float(want[k].abs().max()),
+                                   msg=k)
+
+
+def test_fallback_when_the_extension_is_absent(monkeypatch):
+    """No growkern._C: backends() says why, 'auto' falls back to the reference with one
+    warning, asking for 'cpu' is a clear error, and widen_ still works."""
+    import importlib
+    B = importlib.import_module("growkern.backends")  # growkern.backends is also a function
+    from growkern.kernels import ext
+    monkeypatch.setattr(ext, "_state", {"mod": None, "err": "growkern._C is not importable: simulated"})
+    monkeypatch.setattr(B, "_cache", {})
+    monkeypatch.setattr(B, "_warned", set())
+    why = B.backends()
+    assert why["reference"] == "available" and "simulated" in why["cpu"] and "simulated" in why["cuda"]
+    with pytest.warns(RuntimeWarning, match="using the reference"):
+        _, name = B.resolve_backend("auto", torch.device("cpu"))
+    assert name == "reference"
+    with pytest.raises(ValueError, match="backend 'cpu' is not available: .*simulated"):
+        B.resolve_backend("cpu", torch.device("cpu"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once already
+        rep, _ = _grown_state("auto", torch.device("cpu"), "exact_copy")
+    assert rep.backend == "reference"
+
+
 _GPU_COMPILE = r'''
 import os, re, sys
 os.environ.pop("TRITON_INTERPRET", None)
