@@ -312,31 +312,37 @@ def run_rung(d, dtype, args, device, methods, env, writer):
 
 
 def plot(csv_path: Path, out: Path):
+    """GB/s against d_model: a row of panels per device, noise off | on; a colour per
+    method, solid float32, dashed bfloat16; the newest row of each point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = list(csv.DictReader(open(csv_path)))
     devices = sorted({r["device"] for r in rows})
-    fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4.2), squeeze=False)
-    for ax, device in zip(axes[0], devices):
+    methods = sorted({r["method"] for r in rows})
+    colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(devices), 2, figsize=(11, 4 * len(devices)), squeeze=False, sharey="row")
+    for row, device in zip(axes, devices):
         latest = {}
-        for r in rows:  # the newest row of each (method, dtype, noise, d_model) on this device
+        for r in rows:
             if r["device"] == device:
-                latest[(r["method"], r["dtype"], r["noise"], int(r["d_model"]))] = r
-        for method, dtype, noise in sorted({k[:3] for k in latest}):
-            pts = sorted((k[3], float(r["gbps"])) for k, r in latest.items() if k[:3] == (method, dtype, noise))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{method} {dtype}" + (" noise" if float(noise) else ""))
-        copy = max(float(r["copy_gbps"]) for r in latest.values())
-        ax.axhline(copy, color="k", ls="--", lw=1, label="device copy")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("d_model (before growth)")
-        ax.set_ylabel("GB/s (old read + new written)")
-        ax.set_title(device, fontsize=9)
-        ax.legend(fontsize=7)
+                latest[(r["method"], r["dtype"], float(r["noise"]) > 0, int(r["d_model"]))] = r
+        for ax, noisy in zip(row, (False, True)):
+            for method, dtype in sorted({(k[0], k[1]) for k in latest if k[2] == noisy}):
+                pts = sorted((k[3], float(r["gbps"])) for k, r in latest.items() if k[:3] == (method, dtype, noisy))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[method],
+                        ls="-" if dtype == "float32" else "--", label=f"{method} {dtype}")
+            copies = [float(r["copy_gbps"]) for k, r in latest.items() if k[2] == noisy]
+            if copies:
+                ax.axhline(max(copies), color="k", ls=":", lw=1, label="device copy")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("d_model before growth")
+            ax.set_title(f"{device}, noise {'on' if noisy else 'off'}", fontsize=9)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        row[0].set_ylabel("GB/s (old state read + new written)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     print(f"# wrote {out}")
 
 
