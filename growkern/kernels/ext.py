@@ -163,58 +163,6 @@ def philox_words(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int)
     return torch.ops.growkern.philox_words(rows, cols, seed, stream)
 
 
-def groups_args(items):
-    """The widen_groups arguments for a list of backend-style (tensors, group)."""
-    per_group = ([], [], [], [], [], [], [])  # group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds
-    per_member = ([], [], [], [], [], [], [])  # srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams
-    for tensors, group in items:
-        (srcs, row_src, col_src, row_scales, col_scales, fresh, sigmas, sigma_fresh, row_sign, col_sign,
-         noise_col, seed, streams) = op_args(tensors, group)
-        for lst, v in zip(per_group, (len(srcs), row_src, col_src, row_sign, col_sign, noise_col, seed)):
-            lst.append(v)
-        col_scales = col_scales or [None] * len(srcs)
-        for lst, vs in zip(per_member, (srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams)):
-            lst.extend(vs)
-    srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams = per_member
-    sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds = per_group
-    return (srcs, sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_scales, col_scales,
-            fresh, sigmas, sigma_fresh, streams)
-
-
-def widen_many_ext(items) -> list[list[torch.Tensor]]:
-    """The batch form of "cpu" and "cuda": one widen_groups call for all the groups."""
-    if load() is None:
-        raise RuntimeError(load_error())
-    if not items:
-        return []
-    flat = list(torch.ops.growkern.widen_groups(*groups_args(items)))
-    out, k = [], 0
-    for tensors, _ in items:
-        out.append(flat[k:k + len(tensors)])
-        k += len(tensors)
-    return out
-
-
-def philox_words(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
-    if load() is None:
-        raise RuntimeError(load_error())
-    return torch.ops.growkern.philox_words(rows, cols, seed, stream)
-
-
-def widen_cpu(tensors, group) -> list[torch.Tensor]:
-    """The "cpu" backend: the C++ kernels, CPU tensors only."""
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("the cpu backend takes CPU tensors; use backend='cuda'/'triton'/'auto' for GPU ones")
-    return widen_ext(tensors, group)
-
-
-def widen_cuda(tensors, group) -> list[torch.Tensor]:
-    """The "cuda" backend: the CUDA kernels, CUDA tensors only."""
-    if any(t.device.type != "cuda" for t in tensors):
-        raise ValueError("the cuda backend takes CUDA tensors")
-    return widen_ext(tensors, group)
-
-
 def _on_device(device_type: str, tensors, backend: str):
     if any(t.device.type != device_type for t in tensors):
         other = "backend='cuda'/'triton'/'auto' for GPU ones" if device_type == "cpu" else "backend='cpu'/'auto' for CPU ones"
