@@ -131,22 +131,19 @@ def method_runner(method: str, device, work, sizes):
     if method == "alloc":
         def run():
             for srcs, grp in work:
-                outs = [torch.empty(grp.shape, dtype=s.dtype, device=device).fill_(1.0) for s in srcs]
-                del outs
+                [torch.empty(grp.shape, dtype=s.dtype, device=device).fill_(1.0) for s in srcs]  # dropped as made
         return run
     if method == "eager":
         gen = torch.Generator(device=device).manual_seed(0)
 
         def run():
             for srcs, grp in work:
-                outs = eager_widen(srcs, grp, gen)
-                del outs
+                eager_widen(srcs, grp, gen)  # dropped as made
         return run
     if method == "reference":
         def run():
             for srcs, grp in work:
-                outs = [reference_widen(s, grp, m) for s, m in zip(srcs, grp.members)]
-                del outs
+                [reference_widen(s, grp, m) for s, m in zip(srcs, grp.members)]  # dropped as made
         return run
     name, _, per = method.partition("/")
     if per == "group":
@@ -154,16 +151,14 @@ def method_runner(method: str, device, work, sizes):
 
         def run():
             for srcs, grp in work:
-                outs = fn(srcs, grp)
-                del outs
+                fn(srcs, grp)  # dropped as made
         return run
     many, _ = resolve_backend(name, device, batch=True)
     batches = batch_indices(sizes)
 
     def run():
         for b in batches:
-            outs = many([work[i] for i in b])
-            del outs
+            many([work[i] for i in b])  # dropped as made
     return run
 
 

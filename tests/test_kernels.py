@@ -31,7 +31,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
-import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,5 +1,4 @@
 """Study metrics on cases with known answers."""
-import math
 
 import pytest
 import torch
