@@ -4,8 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "widen_core.h"
 #include "widen_jobs.h"
 #include "widen_op.h"
@@ -17,88 +15,27 @@
 namespace growkern {
 namespace {
 
-template <typename scalar_t, typename torch_t>
-void run_cpu(const WidenPlan& p, const std::vector<int>& idx, at::TensorList srcs,
-             std::vector<at::Tensor>& outs, const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
-             const std::vector<at::Tensor>& rsc, const std::vector<at::Tensor>& csc,
-             at::ArrayRef<double> fresh_values, at::ArrayRef<double> sigmas,
-             at::ArrayRef<double> sigma_fresh, at::IntArrayRef streams) {
-  using acc_t = typename Traits<scalar_t>::acc_t;
-  static_assert(sizeof(scalar_t) == sizeof(torch_t), "storage layout");
-  std::vector<Member<scalar_t>> ms;
-  for (int i : idx) {
-    Member<scalar_t> m;
-    m.src = reinterpret_cast<const scalar_t*>(srcs[i].data_ptr<torch_t>());
-    m.dst = reinterpret_cast<scalar_t*>(outs[i].data_ptr<torch_t>());
-    m.src_stride0 = srcs[i].stride(0);
-    m.src_stride1 = p.two_d ? srcs[i].stride(1) : 0;
-    m.row_scale = rsc[i].data_ptr<acc_t>();
-    m.col_scale = p.two_d ? csc[i].data_ptr<acc_t>() : nullptr;
-    m.fresh_value = (acc_t)fresh_values[i];
-    m.sigma = (acc_t)sigmas[i];
-    m.sigma_fresh = (acc_t)sigma_fresh[i];
-    m.stream = (uint32_t)streams[i];
-    m.noisy = p.noisy[i];
-    ms.push_back(m);
-  }
-  const int64_t per_row = p.C * (int64_t)ms.size();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
-  at::parallel_for(0, p.R, grain, [&](int64_t b, int64_t e) {
-    widen_rows<scalar_t>(g, ms.data(), (int)ms.size(), b, e);
-  });
-}
-
-template <typename acc_t>
-at::Tensor as_acc(const at::Tensor& t) {
-  const auto dt = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
-  return t.to(at::kCPU, dt).contiguous();
-}
-
-template <typename acc_t>
-void run_acc_group(const WidenPlan& p, const std::vector<int>& idx, at::ScalarType st, at::TensorList srcs,
-                   std::vector<at::Tensor>& outs, const at::Tensor& row_src,
-                   const std::optional<at::Tensor>& col_src, at::TensorList row_scales,
-                   at::TensorList col_scales, at::ArrayRef<double> fresh_values, at::ArrayRef<double> sigmas,
-                   at::ArrayRef<double> sigma_fresh, const at::Tensor& row_sign,
-                   const std::optional<at::Tensor>& col_sign, const std::optional<at::Tensor>& noise_col,
-                   int64_t seed, at::IntArrayRef streams) {
-  const at::Tensor rs = row_src.to(at::kCPU).contiguous();
-  const at::Tensor rsg = as_acc<acc_t>(row_sign);
-  at::Tensor cs, csg, nc;
-  std::vector<at::Tensor> rsc(srcs.size()), csc(srcs.size());
-  for (int i : idx) {
-    rsc[i] = as_acc<acc_t>(row_scales[i]);
-    if (p.two_d) csc[i] = as_acc<acc_t>(col_scales[i]);
-  }
-  GroupMaps<acc_t> g;
-  g.R = p.R;
-  g.C = p.C;
-  g.two_d = p.two_d;
-  g.row_src = rs.data_ptr<int64_t>();
-  g.row_sign = rsg.data_ptr<acc_t>();
-  g.seed = (uint32_t)seed;
-  if (p.two_d) {
-    cs = col_src->to(at::kCPU).contiguous();
-    g.col_src = cs.data_ptr<int64_t>();
-    if (col_sign.has_value()) {
-      csg = as_acc<acc_t>(*col_sign);
-      g.col_sign = csg.data_ptr<acc_t>();
-    }
-    if (noise_col.has_value()) {
-      nc = noise_col->to(at::kCPU).contiguous();
-      g.noise_col = nc.data_ptr<int64_t>();
-    }
-  }
-  if constexpr (std::is_same<acc_t, double>::value) {
-    run_cpu<double, double>(p, idx, srcs, outs, g, rsc, csc, fresh_values, sigmas, sigma_fresh, streams);
-  } else if (st == at::kFloat) {
-    run_cpu<float, float>(p, idx, srcs, outs, g, rsc, csc, fresh_values, sigmas, sigma_fresh, streams);
-  } else if (st == at::kHalf) {
-    run_cpu<f16_t, at::Half>(p, idx, srcs, outs, g, rsc, csc, fresh_values, sigmas, sigma_fresh, streams);
-  } else {
-    run_cpu<bf16_t, at::BFloat16>(p, idx, srcs, outs, g, rsc, csc, fresh_values, sigmas, sigma_fresh,
-                                  streams);
-  }
+// The staged jobs (widen_jobs.h) on the CPU: each job by the row loop, in parallel
+// over its rows. (The CUDA launch's per-thread code, widen_vec, is checked against
+// the row loop by ctest.)
+std::vector<at::Tensor> run_groups_cpu(const std::vector<GroupArgs>& groups) {
+  if (groups.empty()) return {};
+  TORCH_CHECK(groups[0].srcs[0].device().is_cpu(), "widen_group(s) (CPU): sources must be CPU tensors");
+  return widen_groups_impl(groups, at::Device(at::kCPU),
+                           [](at::ScalarType dt, const void* jobs, const int64_t*, int64_t njobs, int64_t) {
+                             with_storage_type(dt, [&](auto tag) {
+                               using scalar_t = decltype(tag);
+                               const auto* js = static_cast<const WidenJob<scalar_t>*>(jobs);
+                               for (int64_t j = 0; j < njobs; ++j) {
+                                 const auto& job = js[j];
+                                 const int64_t per_row = job.maps.C * job.n_members;
+                                 const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
+                                 at::parallel_for(0, job.maps.R, grain, [&](int64_t r0, int64_t r1) {
+                                   widen_rows<scalar_t>(job.maps, job.m, job.n_members, r0, r1);
+                                 });
+                               }
+                             });
+                           });
 }
 
 }  // namespace
@@ -110,34 +47,10 @@ std::vector<at::Tensor> widen_group_cpu(at::TensorList srcs, const at::Tensor& r
                                         const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
                                         const std::optional<at::Tensor>& noise_col, int64_t seed,
                                         at::IntArrayRef streams) {
-  const WidenPlan p = check_widen_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
-                                       sigma_fresh, row_sign, col_sign, noise_col, seed, streams);
-  TORCH_CHECK(srcs[0].device().is_cpu(), "widen_group (CPU): sources must be CPU tensors");
-  std::vector<at::Tensor> outs;
-  for (const auto& s : srcs) {
-    outs.push_back(p.two_d ? at::empty({p.R, p.C}, s.options()) : at::empty({p.R}, s.options()));
-  }
-  if (p.R == 0 || p.C == 0) return outs;
-  // Members of one dtype go through the core together; float64 in double math.
-  for (auto st : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
-    std::vector<int> idx;
-    for (int i = 0; i < p.M; ++i)
-      if (srcs[i].scalar_type() == st) idx.push_back(i);
-    if (idx.empty()) continue;
-    if (st == at::kDouble) {
-      run_acc_group<double>(p, idx, st, srcs, outs, row_src, col_src, row_scales, col_scales, fresh_values,
-                            sigmas, sigma_fresh, row_sign, col_sign, noise_col, seed, streams);
-    } else {
-      run_acc_group<float>(p, idx, st, srcs, outs, row_src, col_src, row_scales, col_scales, fresh_values,
-                           sigmas, sigma_fresh, row_sign, col_sign, noise_col, seed, streams);
-    }
-  }
-  return outs;
+  return run_groups_cpu({make_group_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
+                                         sigma_fresh, row_sign, col_sign, noise_col, seed, streams)});
 }
 
-// The multi-group op on the CPU: the staged jobs of the CUDA path (widen_jobs.h),
-// each run by the row loop in parallel over its rows. (The CUDA launch's
-// per-thread code, widen_vec, is checked against the row loop by ctest.)
 std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef group_sizes, at::TensorList row_src,
                                          const OptTensorList& col_src, at::TensorList row_sign,
                                          const OptTensorList& col_sign, const OptTensorList& noise_col,
@@ -145,29 +58,8 @@ std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef gr
                                          const OptTensorList& col_scales, at::ArrayRef<double> fresh_values,
                                          at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
                                          at::IntArrayRef streams) {
-  const auto groups = split_groups(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
-                                   row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams);
-  if (groups.empty()) return {};
-  TORCH_CHECK(groups[0].srcs[0].device().is_cpu(), "widen_groups (CPU): sources must be CPU tensors");
-  return widen_groups_impl(groups, at::Device(at::kCPU),
-                           [](at::ScalarType dt, const void* jobs, const int64_t*, int64_t njobs, int64_t) {
-                             auto loop = [&](auto tag) {
-                               using scalar_t = decltype(tag);
-                               const auto* js = static_cast<const WidenJob<scalar_t>*>(jobs);
-                               for (int64_t j = 0; j < njobs; ++j) {
-                                 const auto& job = js[j];
-                                 const int64_t per_row = job.maps.C * job.n_members;
-                                 const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_row));
-                                 at::parallel_for(0, job.maps.R, grain, [&](int64_t r0, int64_t r1) {
-                                   widen_rows<scalar_t>(job.maps, job.m, job.n_members, r0, r1);
-                                 });
-                               }
-                             };
-                             if (dt == at::kFloat) loop(float());
-                             else if (dt == at::kDouble) loop(double());
-                             else if (dt == at::kHalf) loop(f16_t());
-                             else loop(bf16_t());
-                           });
+  return run_groups_cpu(split_groups(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
+                                     row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams));
 }
 
 at::Tensor philox_words_cpu(const at::Tensor& rows, const at::Tensor& cols, int64_t seed, int64_t stream) {

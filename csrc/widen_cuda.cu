@@ -6,8 +6,8 @@
 // chunk tables, then one launch per dtype widens every member of every group,
 // as apex's multi_tensor_apply does. A block takes a chunk of kChunkVecs
 // vectors; each thread computes one vector (16 bytes of every member of the
-// job, one 16-byte store each) with widen_vec, the code the CPU build runs and
-// tests. Math in float32 (float64 for float64 tensors).
+// job, one 16-byte store each) with widen_vec, which the CMake unit test runs on
+// the host against the CPU's row loop. Math in float32 (float64 for float64 tensors).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE
 // headers that a bare toolkit (or torch's pip wheels) may not provide.
 #include <ATen/ATen.h>
@@ -57,10 +57,9 @@ std::vector<at::Tensor> run_groups_cuda(const std::vector<GroupArgs>& groups) {
   return widen_groups_impl(groups, dev,
                            [](at::ScalarType dt, const void* jobs, const int64_t* begin, int64_t njobs,
                               int64_t nchunks) {
-                             if (dt == at::kFloat) launch_jobs<float>(jobs, begin, njobs, nchunks);
-                             else if (dt == at::kDouble) launch_jobs<double>(jobs, begin, njobs, nchunks);
-                             else if (dt == at::kHalf) launch_jobs<f16_t>(jobs, begin, njobs, nchunks);
-                             else launch_jobs<bf16_t>(jobs, begin, njobs, nchunks);
+                             with_storage_type(dt, [&](auto tag) {
+                               launch_jobs<decltype(tag)>(jobs, begin, njobs, nchunks);
+                             });
                            });
 }
 

@@ -30,6 +30,21 @@ namespace growkern {
 
 using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
+// f(tag) with a value of the storage type of dtype t (float, double, f16_t or
+// bf16_t: layout-compatible with the tensor's elements); t is one of
+// widen_dtype_ok's.
+static_assert(sizeof(f16_t) == sizeof(at::Half) && sizeof(bf16_t) == sizeof(at::BFloat16), "storage layout");
+
+template <typename F>
+void with_storage_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float()); break;
+    case at::kDouble: f(double()); break;
+    case at::kHalf: f(f16_t()); break;
+    default: f(bf16_t()); break;
+  }
+}
+
 // One group's arguments, as widen_group takes them.
 struct GroupArgs {
   std::vector<at::Tensor> srcs, row_scales, col_scales;
@@ -191,12 +206,11 @@ struct DtypeJobs {
   int64_t nchunks = 0;
 };
 
-template <typename scalar_t, typename torch_t>
+template <typename scalar_t>
 void write_jobs(DtypeJobs& d, const std::vector<GroupArgs>& groups, const std::vector<std::vector<at::Tensor>>& outs,
                 const std::vector<std::map<at::ScalarType, MapsAux>>& maps_aux,
                 const std::vector<std::vector<MemberAux>>& member_aux, Staging& st) {
   using acc_t = typename Traits<scalar_t>::acc_t;
-  static_assert(sizeof(scalar_t) == sizeof(torch_t), "storage layout");
   const at::ScalarType acc = widen_acc_type(d.dtype);
   WidenJob<scalar_t>* jobs = st.host<WidenJob<scalar_t>>(d.jobs_off);
   for (size_t j = 0; j < d.jobs.size(); ++j) {
@@ -222,8 +236,8 @@ void write_jobs(DtypeJobs& d, const std::vector<GroupArgs>& groups, const std::v
       Member<scalar_t>& m = job.m[k];
       const at::Tensor& src = a.srcs[i];
       const at::Tensor& dst = outs[g][i];
-      m.src = reinterpret_cast<const scalar_t*>(src.data_ptr<torch_t>());
-      m.dst = reinterpret_cast<scalar_t*>(dst.data_ptr<torch_t>());
+      m.src = static_cast<const scalar_t*>(src.const_data_ptr());
+      m.dst = static_cast<scalar_t*>(dst.data_ptr());
       TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(m.dst) % 16 == 0, "widen_groups: unaligned output");
       m.src_stride0 = src.stride(0);
       m.src_stride1 = a.plan.two_d ? src.stride(1) : 0;
@@ -241,12 +255,9 @@ void write_jobs(DtypeJobs& d, const std::vector<GroupArgs>& groups, const std::v
 }
 
 inline size_t job_bytes(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return sizeof(WidenJob<float>);
-    case at::kDouble: return sizeof(WidenJob<double>);
-    case at::kHalf: return sizeof(WidenJob<f16_t>);
-    default: return sizeof(WidenJob<bf16_t>);
-  }
+  size_t n = 0;
+  with_storage_type(t, [&](auto tag) { n = sizeof(WidenJob<decltype(tag)>); });
+  return n;
 }
 
 // Runs the groups: run(dtype, jobs (device), chunk_begin (device), njobs, nchunks)
@@ -300,12 +311,10 @@ std::vector<at::Tensor> widen_groups_impl(const std::vector<GroupArgs>& groups, 
   }
   if (!per_dtype.empty()) {
     st.allocate();
-    for (auto& d : per_dtype) {
-      if (d.dtype == at::kFloat) write_jobs<float, float>(d, groups, outs, maps_aux, member_aux, st);
-      else if (d.dtype == at::kDouble) write_jobs<double, double>(d, groups, outs, maps_aux, member_aux, st);
-      else if (d.dtype == at::kHalf) write_jobs<f16_t, at::Half>(d, groups, outs, maps_aux, member_aux, st);
-      else write_jobs<bf16_t, at::BFloat16>(d, groups, outs, maps_aux, member_aux, st);
-    }
+    for (auto& d : per_dtype)
+      with_storage_type(d.dtype, [&](auto tag) {
+        write_jobs<decltype(tag)>(d, groups, outs, maps_aux, member_aux, st);
+      });
     st.upload();
     for (const auto& d : per_dtype)
       if (d.nchunks) run(d.dtype, st.device<void>(d.jobs_off), st.device<int64_t>(d.begin_off),
