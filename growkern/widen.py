@@ -142,15 +142,17 @@ def _free_bytes(dev: torch.device) -> int | None:
     return None
 
 
+def _moments(optimizer, p) -> dict:
+    """The optimizer state tensors of p that grow with it (exp_avg, ...), in state order."""
+    state = optimizer.state.get(p, {}) if optimizer is not None else {}
+    return {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
+
+
 def _new_state_bytes(model, optimizer, plan) -> int:
     total = 0
     for name, p in model.named_parameters():
         n = math.prod(plan.tensors[name].new_shape)
-        total += n * p.element_size()
-        if optimizer is not None:
-            for k, v in optimizer.state.get(p, {}).items():
-                if k in MOMENT_KEYS and torch.is_tensor(v):
-                    total += n * v.element_size()
+        total += n * (p.element_size() + sum(v.element_size() for v in _moments(optimizer, p).values()))
     return total
 
 
@@ -254,12 +256,8 @@ def batch_indices(sizes: list[int]) -> list[list[int]]:
 
 def _batches(model, optimizer):
     named = list(model.named_parameters())
-
-    def old_bytes(p):
-        state = optimizer.state.get(p, {}) if optimizer is not None else {}
-        return p.nbytes + sum(v.nbytes for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v))
-
-    return [[named[i] for i in b] for b in batch_indices([old_bytes(p) for _, p in named])]
+    sizes = [p.nbytes + sum(v.nbytes for v in _moments(optimizer, p).values()) for _, p in named]
+    return [[named[i] for i in b] for b in batch_indices(sizes)]
 
 
 def _replace_data(p: nn.Parameter, new: torch.Tensor):
@@ -339,11 +337,10 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         for batch in _batches(model, optimizer):
             items, states = [], []
             for name, p in batch:
-                state = optimizer.state.get(p, {}) if optimizer is not None else {}
-                moments = {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
+                moments = _moments(optimizer, p)
                 items.append(([p.data, *moments.values()],
                               build_group(plan.tensors[name], p, moments, strategy, plan.seed)))
-                states.append((state, list(moments)))
+                states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moments)))
             results = widen_many(items)
             del items  # the old tensors of this batch go once their owners let go below
             for (name, p), (state, keys), outs in zip(batch, states, results):

@@ -11,8 +11,7 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
       col_scales is empty). Index maps are int64 (-1 = fresh), scales and signs
       any float dtype (used as float32, float64 for float64 sources). The maps
       may live on the CPU for CUDA sources: they are packed and moved in one copy.
-      Implementations: CPU (at::parallel_for over rows) and CUDA (the one-group
-      case of widen_groups).
+      Implementations: CPU and CUDA, each the one-group case of widen_groups.
   widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src,
                Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds,
                Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
@@ -20,8 +19,8 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
       Many groups in one call: group g has group_sizes[g] members; per-member
       lists hold the members of group 0, then group 1, ...; per-group lists one
       entry per group. CUDA: one staging copy and one launch per dtype for all of
-      them (apex multi_tensor_apply style); CPU: the same jobs and chunks in one
-      at::parallel_for per dtype.
+      them (apex multi_tensor_apply style); CPU: the same staged jobs, each by the
+      row loop under at::parallel_for.
   philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor
       Philox4x32-10((rows, cols, 0, 0), (seed, stream)) as int64 [..., 4]: the
       raw integer stream, for tests.
