@@ -85,18 +85,25 @@ GK_HD void philox_words2(uint32_t seed, uint32_t stream, uint32_t row, uint32_t 
 
 // ---- Box-Muller, float32 ----------------------------------------------------
 
-#if !defined(__CUDA_ARCH__)
-inline uint32_t f32_bits(float f) {
+// float <-> its bits (also used by the 16-bit conversions of widen_core.h)
+GK_HD uint32_t f32_as_u32(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   memcpy(&u, &f, 4);
   return u;
+#endif
 }
-inline float u32_bits_as_f32(uint32_t u) {
+GK_HD float u32_as_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   memcpy(&f, &u, 4);
   return f;
-}
 #endif
+}
 
 // -2 ln u1, u1 = (x0 + 1) 2^-32, accurate to a few float32 ulps relative.
 GK_HD float bm_radius2_f32(uint32_t x0) {
@@ -141,7 +148,7 @@ GK_HD float bm_cos_f32(uint32_t x1) {
   const float c = 1.0f + t2 * (-4.93480220f + t2 * (4.05871213f + t2 * (-1.33526277f +
                                                                    t2 * (0.235330630f - t2 * 0.0258068914f))));
   const float v = use_sin ? s : c;
-  return u32_bits_as_f32(f32_bits(v) ^ ((uint32_t)neg << 31));
+  return u32_as_f32(f32_as_u32(v) ^ ((uint32_t)neg << 31));
 #endif
 }
 

@@ -35,25 +35,6 @@ struct alignas(2) bf16_t {
   uint16_t bits;
 };
 
-GK_HD uint32_t f32_as_u32(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-GK_HD float u32_as_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
 // IEEE half <-> float, round to nearest even (the algorithm of c10/util/Half.h).
 GK_HD float f16_to_float(f16_t h) {
 #if defined(__CUDA_ARCH__)
