@@ -1,14 +1,16 @@
 """Growth plans: for every width dimension, which old unit each new unit copies.
 
-A plan is built from a config alone (no tensors), is deterministic given its
-seed, and is what every backend executes. Its parts:
+A plan is built from a model's widths and parameter layout (its adapter,
+growkern/adapter.py; no tensor values), is deterministic given its seed, and is
+what every backend executes. Its parts:
 
 - a DimMap per width dimension (d_model, d_ff, kv_head, head, head_dim): for
   each new unit its source unit (or -1: fresh) and its fan-in split, the
   coefficient applied to the weights that consume the unit;
-- a TensorPlan per parameter: the row and column axes of the new tensor read
-  off the DimMaps by the parameter's role, with weight scales, noise layout,
-  the moment scales of the exact moment rule, and the strategy's choices.
+- a TensorPlan per parameter: the row (output) and column (input) axes of the
+  new tensor read off the DimMaps by the parameter's roles, with weight scales,
+  noise layout, the moment scales of the exact moment rule, and the strategy's
+  choices. A fused tensor's axis is its segments' axes end to end.
 
 The math is written up in docs/growth.md.
 """
@@ -20,7 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import GPTConfig, init_std, is_norm_gain
+import torch.nn as nn
+
+from .adapter import Adapter, Param, Shape, adapter_for
+from .model import GPTConfig
 
 DIMS = ("d_model", "d_ff", "kv_head", "head", "head_dim")
 
@@ -115,11 +120,21 @@ class Axis:
     """One axis of a new tensor: where each index reads from, and its noise layout."""
     src: torch.Tensor  # int64
     scale: torch.Tensor  # float64, the weight scale (split, norm rescale, ...)
-    role: str  # "produce", "consume", "query", "norm", "fixed"
-    dim: str  # the width dimension, or "vocab"/"position"
+    segments: tuple  # ((dim, role), ...): the dims laid end to end on this axis
     old: int  # length of the old axis
     sign: torch.Tensor | None = None  # float64, 0 = no noise on this index
     noise_idx: torch.Tensor | None = None  # int64, the noise counter of this index
+
+    @property
+    def role(self) -> str:
+        """The segments' role when they share one ("produce", "consume", "query", "norm",
+        "fixed"); "mixed" otherwise (a fused [q | k | v] axis)."""
+        roles = {r for _, r in self.segments}
+        return roles.pop() if len(roles) == 1 else "mixed"
+
+    @property
+    def dim(self) -> str:
+        return "+".join(d for d, _ in self.segments)
 
     def moment_scale(self) -> torch.Tensor:
         """The exact moment rule: an entry copied into units j with weight scales a_j
@@ -132,12 +147,19 @@ class Axis:
 
 @dataclass
 class TensorPlan:
-    """How one parameter (and its optimizer moments) is rebuilt."""
+    """How one parameter (and its optimizer moments) is rebuilt, in (out, in)
+    orientation: a `transposed` parameter is stored as (in, out) and is read and
+    written through its transpose."""
     name: str
-    old_shape: tuple[int, ...]
+    old_shape: tuple[int, ...]  # in (out, in) orientation
     rows: Axis
     cols: Axis | None
     init_std: float  # the wide model's init std for this parameter
+    kind: str = "matrix"  # "matrix", "bias", "gain", "norm_bias" (growkern.adapter.Param)
+    transposed: bool = False
+    # norms computing x_hat * (gain_offset + w): scales and fresh_value act on the
+    # effective gain gain_offset + w (widen_ converts)
+    gain_offset: float = 0.0
     fresh_value: float = 0.0
     # noise on entries with a source (times the axis signs) and on fresh entries;
     # "relative": sigma = noise * RMS of the mapped tensor over its non-fresh entries
@@ -170,53 +192,17 @@ class TensorPlan:
         return rows, cols
 
 
-# --- the parameters of growkern.GPT and the axes they sit on -----------------------
-
-def parameter_layout(config: GPTConfig) -> dict[str, tuple[tuple[str, str], tuple[str, str] | None]]:
-    """name -> ((row dim, role), (col dim, role) or None), for every parameter of GPT(config).
-    Roles: "produce" writes the units of its dim, "consume" reads them (fan-in, split),
-    "norm" is a norm's gain or bias, "query" the rows of q_proj, "fixed" an axis that
-    does not grow."""
-    c = config
-    lay: dict = {"wte.weight": (("vocab", "fixed"), ("d_model", "produce"))}
-    if c.pos == "learned":
-        lay["wpe.weight"] = (("position", "fixed"), ("d_model", "produce"))
-
-    def linear(name, out_dim, out_role, in_dim):
-        lay[f"{name}.weight"] = ((out_dim, out_role), (in_dim, "consume"))
-        if c.bias:
-            lay[f"{name}.bias"] = ((out_dim, out_role), None)
-
-    def norm(name):
-        lay[f"{name}.weight"] = (("d_model", "norm"), None)
-        if c.bias and c.norm == "layernorm":
-            lay[f"{name}.bias"] = (("d_model", "norm"), None)
-
-    for i in range(c.n_layer):
-        b = f"blocks.{i}"
-        norm(f"{b}.ln_1")
-        linear(f"{b}.attn.q_proj", "q", "query", "d_model")
-        linear(f"{b}.attn.k_proj", "kv", "produce", "d_model")
-        linear(f"{b}.attn.v_proj", "kv", "produce", "d_model")
-        linear(f"{b}.attn.o_proj", "d_model", "produce", "q")
-        norm(f"{b}.ln_2")
-        if c.mlp == "swiglu":
-            linear(f"{b}.mlp.gate", "d_ff", "produce", "d_model")
-        linear(f"{b}.mlp.up", "d_ff", "produce", "d_model")
-        linear(f"{b}.mlp.down", "d_model", "produce", "d_ff")
-    norm("ln_f")
-    if not c.tie_embeddings:
-        lay["lm_head.weight"] = (("vocab", "fixed"), ("d_model", "consume"))
-    return lay
+# --- the plan ------------------------------------------------------------------------
 
 
 @dataclass
 class GrowthPlan:
-    old: GPTConfig
-    new: GPTConfig
+    old: Shape
+    new: Shape
     strategy: "object"  # a growkern.strategies.Strategy
     seed: int
     dims: dict[str, DimMap]
+    adapter: str = ""  # the name of the adapter the plan was made with
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     exact: bool = True  # whether the plan is function preserving at step 0
     not_exact_because: str = ""
@@ -224,7 +210,7 @@ class GrowthPlan:
     def summary(self) -> str:
         o, n = self.old, self.new
         lines = [
-            f"GrowthPlan  strategy={self.strategy.describe()}  seed={self.seed}",
+            f"GrowthPlan  model={self.adapter}  strategy={self.strategy.describe()}  seed={self.seed}",
             f"  d_model {o.d_model}->{n.d_model}  d_ff {o.d_ff}->{n.d_ff}  heads {o.n_head}->{n.n_head}"
             f"  kv_heads {o.n_kv_head}->{n.n_kv_head}  head_dim {o.head_dim}->{n.head_dim}",
         ]
@@ -241,8 +227,7 @@ class GrowthPlan:
 
 # --- targets -----------------------------------------------------------------------
 
-def _target_config(config: GPTConfig, factor, d_model, d_ff, n_head) -> GPTConfig:
-    c = config
+def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
     if factor is None and d_model is None and d_ff is None and n_head is None:
         raise ValueError("plan_growth: give a growth factor (factor=2, ...) or explicit targets "
                          "(d_model=, d_ff=, n_head=)")
@@ -257,8 +242,9 @@ def _target_config(config: GPTConfig, factor, d_model, d_ff, n_head) -> GPTConfi
 
     group = c.n_head // c.n_kv_head
     hd = c.head_dim
+    tied = c.head_dim_tied  # d_model = n_head * head_dim; else head_dim is free (Qwen3, Gemma)
     if n_head is None:
-        if d_model is not None:
+        if d_model is not None and tied:
             if d_model % hd:
                 raise ValueError(
                     f"d_model={d_model} is not a multiple of the current head_dim ({hd}); give "
@@ -270,7 +256,10 @@ def _target_config(config: GPTConfig, factor, d_model, d_ff, n_head) -> GPTConfi
         else:
             n_head = c.n_head
     if d_model is None:
-        d_model = n_head * hd if (factor is not None or n_head != c.n_head) else c.d_model
+        if tied:
+            d_model = n_head * hd if (factor is not None or n_head != c.n_head) else c.d_model
+        else:
+            d_model = round(c.d_model * factor) if factor is not None else c.d_model
     if d_ff is None:
         d_ff = round(c.d_ff * factor) if factor is not None else c.d_ff
 
@@ -278,51 +267,79 @@ def _target_config(config: GPTConfig, factor, d_model, d_ff, n_head) -> GPTConfi
         if new < old:
             raise ValueError(f"target {name}={new} is smaller than the current {old}; "
                              f"growkern only grows (allowed: {name} >= {old})")
-    if d_model % n_head:
-        raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}; allowed: "
-                         f"d_model a multiple of n_head")
     if n_head % group:
         raise ValueError(f"n_head={n_head} is not a multiple of the GQA group size {group} "
                          f"(n_head/n_kv_head = {c.n_head}/{c.n_kv_head}); kv heads grow with the same factor")
-    new_hd = d_model // n_head
+    if tied:
+        if d_model % n_head:
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}; allowed: "
+                             f"d_model a multiple of n_head")
+        new_hd = d_model // n_head
+    else:
+        new_hd = hd
     if new_hd < hd:
         raise ValueError(f"head_dim would shrink from {hd} to {new_hd}; allowed: n_head <= d_model/{hd}")
-    if new_hd != hd and c.pos == "rope":
-        raise ValueError(f"head_dim growth ({hd} -> {new_hd}) is not supported with pos='rope' "
-                         f"(rotary pairs do not survive it); grow heads at fixed head_dim instead "
-                         f"(n_head = d_model / {hd}), or use pos='learned'")
-    return c.replace(d_model=d_model, d_ff=d_ff, n_head=n_head, n_kv_head=n_head // group)
+    if new_hd != hd and not c.head_dim_growth:
+        raise ValueError(f"head_dim growth ({hd} -> {new_hd}) is not supported for this model (rotary "
+                         f"pairs do not survive it, or attention does not read its scale from head_dim); "
+                         f"grow heads at fixed head_dim instead (n_head = d_model / {hd})")
+    return c.replace(d_model=d_model, d_ff=d_ff, n_head=n_head, n_kv_head=n_head // group, head_dim=new_hd)
 
 
-def plan_growth(config: GPTConfig, *, factor: float | None = None, d_model: int | None = None,
+def _model_and_adapter(target) -> tuple[nn.Module, Adapter]:
+    """The model to plan for: a model, or a growkern GPTConfig (planned on a meta-device GPT)."""
+    if isinstance(target, GPTConfig):
+        from .adapter import adapter_named
+        return _meta_gpt(target), adapter_named("growkern.GPT")
+    if isinstance(target, nn.Module):
+        from .widen import unwrap
+        model = unwrap(target)
+        return model, adapter_for(model)
+    raise TypeError(f"plan_growth needs a model (growkern.GPT, a transformers causal LM, or a class "
+                    f"registered with growkern.register_adapter) or a growkern.GPTConfig; "
+                    f"got {type(target).__name__}")
+
+
+def _meta_gpt(config: GPTConfig):
+    from .adapter import _parameters_on_meta
+    from .model import GPT
+    with _parameters_on_meta():
+        return GPT(config)
+
+
+def plan_growth(model, *, factor: float | None = None, d_model: int | None = None,
                 d_ff: int | None = None, n_head: int | None = None, strategy="exact_copy",
                 seed: int = 0, **strategy_options) -> GrowthPlan:
-    """Plan the growth of a GPTConfig. `factor` scales d_model, d_ff and the heads
-    together (head_dim fixed); explicit targets override. Raises ValueError on
-    anything it cannot plan; plans nothing half-way."""
+    """Plan the growth of `model` (any model widen_ grows, or a growkern.GPTConfig).
+    `factor` scales d_model, d_ff and the heads together (head_dim fixed); explicit
+    targets override. Raises ValueError on anything it cannot plan; plans nothing half-way."""
     from .strategies import make_strategy
 
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"plan_growth needs a growkern.GPTConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    model, adapter = _model_and_adapter(model)
     strat = make_strategy(strategy, **strategy_options)
-    new = _target_config(config, factor, d_model, d_ff, n_head)
+    layout = adapter.layout(model)
+    old = adapter.shape(model)
+    new = _target_shape(old, factor, d_model, d_ff, n_head)
+    if adapter.embed_multiplier is not None:
+        new = new.replace(embed_multiplier=float(adapter.embed_multiplier(new)))
     gen = torch.Generator().manual_seed(seed)
 
-    group = config.n_head // config.n_kv_head
+    group = old.n_head // old.n_kv_head
     dims = {
-        "d_model": strat.dim_map("d_model", config.d_model, new.d_model, gen),
-        "d_ff": strat.dim_map("d_ff", config.d_ff, new.d_ff, gen),
-        "kv_head": strat.dim_map("kv_head", config.n_kv_head, new.n_kv_head, gen),
-        "head_dim": strat.dim_map("head_dim", config.head_dim, new.head_dim, gen),
+        "d_model": strat.dim_map("d_model", old.d_model, new.d_model, gen),
+        "d_ff": strat.dim_map("d_ff", old.d_ff, new.d_ff, gen),
+        "kv_head": strat.dim_map("kv_head", old.n_kv_head, new.n_kv_head, gen),
+        "head_dim": strat.dim_map("head_dim", old.head_dim, new.head_dim, gen),
     }
     dims["head"] = query_heads(dims["kv_head"], group)
-    plan = GrowthPlan(config, new, strat, seed, dims)
+    plan = GrowthPlan(old, new, strat, seed, dims, adapter=adapter.name)
     plan.new = strat.adjust_config(plan)
     plan.exact, plan.not_exact_because = strat.preservation(plan)
-    for name, (row, col) in parameter_layout(config).items():
-        tp = _tensor_plan(plan, name, row, col)
+    config = getattr(model, "config", None)
+    for name, spec in layout.items():
+        tp = _tensor_plan(plan, name, spec, adapter.init_std_of(config, spec), adapter.gain_offset)
         plan.tensors[name] = strat.tensor_plan(plan, tp)
     return plan
 
@@ -336,44 +353,62 @@ def residual_norm_scale(plan: GrowthPlan) -> float:
     return math.sqrt(kept / dm.new)
 
 
-def _axis(plan: GrowthPlan, dim: str, role: str) -> Axis:
+def _segment_map(plan: GrowthPlan, dim: str) -> DimMap:
     dims = plan.dims
     if dim == "vocab":
-        dm = DimMap.identity("vocab", plan.old.vocab_size)
-    elif dim == "position":
-        dm = DimMap.identity("position", plan.old.block_size)
-    elif dim == "q":
-        dm = dims["head"].kron(dims["head_dim"])
-    elif dim == "kv":
-        dm = dims["kv_head"].kron(dims["head_dim"])
-    else:
-        dm = dims[dim]
-    ones = torch.ones(dm.new, dtype=torch.float64)
+        return DimMap.identity("vocab", plan.old.vocab_size)
+    if dim == "position":
+        return DimMap.identity("position", plan.old.n_positions)
+    if dim == "q":
+        return dims["head"].kron(dims["head_dim"])
+    if dim == "kv":
+        return dims["kv_head"].kron(dims["head_dim"])
+    return dims[dim]
+
+
+def _segment_scale(plan: GrowthPlan, dm: DimMap, role: str) -> torch.Tensor:
+    dims = plan.dims
     if role == "consume":
-        scale = dm.split.clone()
-    elif role == "query":
+        return dm.split.clone()
+    if role == "query":
         # q.k / sqrt(head_dim) is kept when the q rows of a head_dim unit copied k
         # times take sqrt(hd_new / hd_old) / k (docs/growth.md, attention).
         hd = dims["head_dim"]
-        per_dim = math.sqrt(hd.new / hd.old) * hd.split
-        scale = per_dim.repeat(dims["head"].new)
-    elif role == "norm":
-        scale = ones * residual_norm_scale(plan)
-    else:
-        scale = ones
-    return Axis(dm.src.clone(), scale, role, dim, dm.old)
+        return (math.sqrt(hd.new / hd.old) * hd.split).repeat(dims["head"].new)
+    if role == "norm":
+        return torch.full((dm.new,), residual_norm_scale(plan), dtype=torch.float64)
+    return torch.ones(dm.new, dtype=torch.float64)
 
 
-def _tensor_plan(plan: GrowthPlan, name: str, row, col) -> TensorPlan:
-    rows = _axis(plan, *row)
-    cols = None if col is None else _axis(plan, *col)
+def _axis(plan: GrowthPlan, segments) -> Axis:
+    """The segments' axes end to end: source indices shift by the old lengths before them."""
+    srcs, scales, old = [], [], 0
+    for dim, role in segments:
+        dm = _segment_map(plan, dim)
+        srcs.append(torch.where(dm.src >= 0, dm.src + old, dm.src))
+        scales.append(_segment_scale(plan, dm, role))
+        old += dm.old
+    return Axis(torch.cat(srcs), torch.cat(scales), tuple(segments), old)
+
+
+def _tensor_plan(plan: GrowthPlan, name: str, spec: Param, init_std: float, gain_offset: float) -> TensorPlan:
+    rows = _axis(plan, spec.rows)
+    cols = None if spec.cols is None else _axis(plan, spec.cols)
     old_shape = (rows.old,) if cols is None else (rows.old, cols.old)
-    tp = TensorPlan(name, old_shape, rows, cols, init_std(name, plan.new))
-    if is_norm_gain(name):
+    tp = TensorPlan(name, old_shape, rows, cols, init_std, kind=spec.kind, transposed=spec.transposed,
+                    gain_offset=gain_offset if spec.kind == "gain" else 0.0)
+    if spec.kind == "gain" and rows.role == "norm":
         tp.fresh_value = residual_norm_scale(plan)
-    if name.startswith("ln_f.") and plan.old.tie_embeddings:
-        # Tied embeddings: the d_model axis of wte both produces the residual (no
-        # split) and is read by the head (needs the split). The split moves into
-        # the final norm, whose output only the head reads.
-        rows.scale = rows.scale * plan.dims["d_model"].split
+    elif spec.kind == "gain":
+        tp.fresh_value = 1.0
+    # The residual stream starts as multiplier * embedding row (Gemma: sqrt(d_model)).
+    # The embedding's produce axis takes m_old / m_new so the stream starts the same.
+    ratio = plan.old.embed_multiplier / plan.new.embed_multiplier
+    if spec.cols is not None and spec.rows == (("vocab", "fixed"),) and spec.cols == (("d_model", "produce"),):
+        cols.scale = cols.scale * ratio
+    if spec.final_norm and plan.old.tie_embeddings:
+        # Tied embeddings: the d_model axis of the embedding both produces the residual
+        # (no split) and is read by the head (needs the split, and undoes the ratio above).
+        # Both move into the final norm, whose output only the head reads.
+        rows.scale = rows.scale * plan.dims["d_model"].split / ratio
     return tp

@@ -111,6 +111,9 @@ class Strategy:
             return False, ("LayerNorm over a zero-padded residual stream (d_model growth that is "
                            "not a whole multiple, or non-clone residual units) changes the mean; "
                            "RMSNorm is exact")
+        if plan.old.eps_fixed_because and plan.new.norm_eps != plan.old.norm_eps:
+            return False, (f"RMSNorm over a zero-padded residual stream needs its eps rescaled, but "
+                           f"{plan.old.eps_fixed_because} (the error is of the order of eps)")
         return True, ""
 
     def tensor_plan(self, plan: GrowthPlan, tp: TensorPlan) -> TensorPlan:
@@ -205,7 +208,7 @@ class Structured(Strategy):
     def tensor_plan(self, plan, tp):
         if tp.cols is None:
             return tp
-        fresh_fan_in = (tp.rows.dim, tp.rows.role) in _FAN_IN and bool((tp.rows.src < 0).any())
+        fresh_fan_in = any(seg in _FAN_IN for seg in tp.rows.segments) and bool((tp.rows.src < 0).any())
         fresh_fan_out = tp.cols.role == "consume" and tp.cols.dim == "d_model" and bool((tp.cols.src < 0).any())
         if fresh_fan_in or fresh_fan_out:
             tp.rows.sign = torch.zeros(tp.rows.src.numel(), dtype=torch.float64)
@@ -242,9 +245,9 @@ class ShrinkZeroPadPerturb(Strategy):
         return False, "szp shrinks and perturbs the weights"
 
     def tensor_plan(self, plan, tp):
-        if tp.rows.role == "norm":
+        if tp.kind in ("gain", "norm_bias"):
             tp.rows.scale = torch.ones_like(tp.rows.scale)
-            tp.fresh_value = 1.0 if tp.name.endswith("weight") else 0.0
+            tp.fresh_value = 1.0 if tp.kind == "gain" else 0.0
             return tp
         tp.rows.scale = tp.rows.scale * self.shrink
         if tp.cols is not None:
@@ -278,5 +281,5 @@ class Scratch(Strategy):
             tp.cols.src = torch.full_like(tp.cols.src, -1)
             tp.noise_fresh = tp.init_std
             tp.noise_mode = "absolute"
-        tp.fresh_value = 1.0 if tp.rows.role == "norm" and tp.name.endswith("weight") else 0.0
+        tp.fresh_value = 1.0 if tp.kind == "gain" else 0.0
         return tp

@@ -6,7 +6,10 @@ The data path is plan -> one primitive per parameter group -> new state:
   3. the primitive (growkern.ops) builds each parameter and its optimizer moments
      together, a batch of parameters per call (one CUDA launch per dtype), and
      the batch's old tensors are released before the next one;
-  4. model config, module metadata and buffers follow; the schedule is set.
+  4. the model's adapter (growkern/adapter.py) updates its config and everything
+     derived from it (module attributes, buffers); the schedule is set.
+Any model with an adapter grows the same way: growkern.GPT, the Hugging Face
+families in growkern/families.py, and classes registered by users.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import schedule as schedule_mod
-from .model import GPT
+from .adapter import Adapter, adapter_for
 from .ops import TensorScales, WidenGroup
 from .plan import GrowthPlan, TensorPlan, plan_growth
 
@@ -58,13 +61,13 @@ class GrowthReport:
         return "\n".join(lines)
 
 
-def _dims(config) -> dict:
-    return {"d_model": config.d_model, "d_ff": config.d_ff, "n_head": config.n_head,
-            "n_kv_head": config.n_kv_head, "head_dim": config.head_dim}
+def _dims(shape) -> dict:
+    return {"d_model": shape.d_model, "d_ff": shape.d_ff, "n_head": shape.n_head,
+            "n_kv_head": shape.n_kv_head, "head_dim": shape.head_dim}
 
 
-def _unwrap(model):
-    """The GPT under torch.compile / DistributedDataParallel wrappers."""
+def unwrap(model):
+    """The model under torch.compile / DistributedDataParallel wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -74,24 +77,49 @@ def _unwrap(model):
             return model
 
 
+def unwrap_optimizer(optimizer):
+    """The torch optimizer under wrappers that hold it as `.optimizer` (accelerate's
+    AcceleratedOptimizer, which the HF Trainer steps)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def unwrap_scheduler(scheduler):
+    """The torch LR scheduler under wrappers that hold it as `.scheduler` (accelerate)."""
+    while isinstance(getattr(scheduler, "scheduler", None), torch.optim.lr_scheduler.LRScheduler):
+        scheduler = scheduler.scheduler
+    return scheduler
+
+
+def _stored_shape(tp: TensorPlan, shape) -> tuple[int, ...]:
+    return tuple(shape)[::-1] if tp.transposed else tuple(shape)
+
+
 # --- validation: everything that can be checked is checked before any change ----
 
-def _validate(model, optimizer, scheduler, plan: GrowthPlan, schedule: str, rewarm_steps):
-    if not isinstance(model, GPT):
-        raise TypeError(f"widen_ grows growkern.GPT models; got {type(model).__name__}. "
-                        f"Other architectures need a parameter layout (growkern.plan.parameter_layout)")
-    if plan.old != model.config:
-        raise ValueError(f"the plan was made for {plan.old}, but the model's config is {model.config}")
+def _validate(model, adapter: Adapter, optimizer, scheduler, plan: GrowthPlan, schedule: str, rewarm_steps):
+    if plan.adapter != adapter.name:
+        raise ValueError(f"the plan was made for a {plan.adapter} model, this is a {adapter.name} model "
+                         f"({type(model).__name__})")
+    shape = adapter.shape(model)
+    if plan.old != shape:
+        raise ValueError(f"the plan was made for {plan.old}, but the model is {shape}")
     params = dict(model.named_parameters())
     if set(params) != set(plan.tensors):
         missing, extra = set(plan.tensors) - set(params), set(params) - set(plan.tensors)
         raise ValueError(f"cannot map this model: parameters missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(extra)[:5]}")
     for name, p in params.items():
-        if tuple(p.shape) != plan.tensors[name].old_shape:
+        tp = plan.tensors[name]
+        if _stored_shape(tp, p.shape) != tp.old_shape:
             raise ValueError(f"cannot map parameter {name}: shape {tuple(p.shape)}, the plan expects "
-                             f"{plan.tensors[name].old_shape}")
+                             f"{_stored_shape(tp, tp.old_shape)}")
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name} is on the meta device (no values to grow); "
+                             f"load or materialize the model first")
     if optimizer is not None:
+        _validate_optimizer_params(model, optimizer)
         if type(optimizer) not in SUPPORTED_OPTIMIZERS:
             raise TypeError(f"unsupported optimizer {type(optimizer).__name__}; allowed: "
                             f"{', '.join(o.__name__ for o in SUPPORTED_OPTIMIZERS)}")
@@ -114,8 +142,47 @@ def _validate(model, optimizer, scheduler, plan: GrowthPlan, schedule: str, rewa
         if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(f"unsupported scheduler {type(scheduler).__name__}; allowed: "
                             f"torch.optim.lr_scheduler.LRScheduler subclasses")
-        if optimizer is None or scheduler.optimizer is not optimizer:
+        if optimizer is None or unwrap_optimizer(scheduler.optimizer) is not optimizer:
             raise ValueError("the scheduler must drive the optimizer passed to widen_")
+
+
+def _validate_optimizer_params(model, optimizer):
+    """The optimizer must hold exactly the model's trainable parameters, each once:
+    state left on a parameter growkern does not grow breaks the next step."""
+    ids = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in ids:
+                raise ValueError(f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not one "
+                                 f"of the model's; pass the optimizer that trains this model")
+            if id(p) in seen:
+                raise ValueError(f"the optimizer holds parameter {ids[id(p)]} twice")
+            seen.add(id(p))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"the optimizer does not hold {len(missing)} trainable parameter(s) of the model "
+                         f"(first: {missing[0]}); pass the optimizer that trains this model")
+
+
+def _check_new_config(model, adapter: Adapter, plan: GrowthPlan, ref_old, ref_new):
+    """The model class built from the old config must have the model's parameters, and
+    built from the new config the grown ones: else the config cannot express the growth."""
+    live = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    old = {n: tuple(p.shape) for n, p in ref_old.named_parameters()}
+    if live != old:
+        diff = sorted(set(live.items()) ^ set(old.items()))[:3]
+        raise ValueError(f"{type(model).__name__} built from its own config does not have the model's "
+                         f"parameters (differences: {diff}); growkern rebuilds derived state from the "
+                         f"config, so the model must be what its config describes")
+    for name, p in ref_new.named_parameters():
+        tp = plan.tensors.get(name)
+        want = None if tp is None else _stored_shape(tp, tp.new_shape)
+        if want != tuple(p.shape):
+            raise ValueError(f"the grown {name} would have shape {want}, but {type(model).__name__} built "
+                             f"from the new config has {tuple(p.shape)}: its config cannot express this "
+                             f"growth (adapter {adapter.name!r}, config keys {adapter.config_keys}); "
+                             f"allowed: targets the config can hold, e.g. a growth factor")
 
 
 def _check_memory(model, optimizer, plan):
@@ -270,13 +337,18 @@ def _replace_data(p: nn.Parameter, new: torch.Tensor):
     p.data = new
 
 
-def _sync_modules(model: GPT):
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.Embedding):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
-    model.rebuild_buffers()
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a causal LM's forward: growkern.GPT's (logits, loss), a transformers
+    ModelOutput, or a tensor."""
+    if torch.is_tensor(output):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
 
 
 def _probe(model, probe_batch):
@@ -285,7 +357,7 @@ def _probe(model, probe_batch):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits, _ = model(x)
+        logits = logits_of(model(x))
     model.train(was_training)
     logits = logits.double()
     if y is None:
@@ -304,30 +376,51 @@ def _preservation(small_logits, wide_logits, y) -> dict:
             "loss_small": float(loss_s), "loss_wide": float(loss_w)}
 
 
+def _finish_gain(p: torch.Tensor, tp: TensorPlan):
+    """Norms computing x_hat * (offset + w): the primitive mapped w with the scales of
+    the effective gain; w' = a w + offset (a - 1) on kept entries, fresh ones hold
+    the effective value and take - offset."""
+    kept = (tp.rows.src >= 0).to(p.device)
+    a = tp.rows.scale.to(p.device)
+    fix = torch.where(kept, tp.gain_offset * (a - 1), torch.full_like(a, -tp.gain_offset))
+    p.copy_((p.double() + fix).to(p.dtype))
+
+
 def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = None,
            probe_batch=None, schedule: str = "continue", rewarm_steps: int | None = None,
            backend: str = "auto", **plan_kwargs) -> GrowthReport:
-    """Grow `model` (a growkern.GPT) in width in place, with its optimizer state and
-    LR schedule. Give a `plan` or the keywords of growkern.plan_growth (factor=,
-    d_model=, d_ff=, n_head=, strategy=, seed=, strategy options). The nn.Parameter
-    objects stay the same, so optimizer param_groups, hooks and references stay valid.
-    Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
+    """Grow `model` in width in place, with its optimizer state and LR schedule.
+
+    `model` is a growkern.GPT, a transformers causal LM of a known family (GPT-2,
+    Llama, Mistral, Qwen2/3, Phi-3, Gemma2/3), or a class registered with
+    growkern.register_adapter; torch.compile and DDP wrappers are looked through, as
+    are accelerate's optimizer and scheduler wrappers. Give a `plan` or the keywords
+    of growkern.plan_growth (factor=, d_model=, d_ff=, n_head=, strategy=, seed=,
+    strategy options). The nn.Parameter objects stay the same, so optimizer
+    param_groups, hooks and references stay valid; model.config describes the new
+    widths. Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
     t0 = time.perf_counter()
-    model = _unwrap(model)
-    if not isinstance(model, GPT):
-        raise TypeError(f"widen_ grows growkern.GPT models; got {type(model).__name__}")
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"widen_ grows a torch.nn.Module; got {type(model).__name__}")
+    adapter = adapter_for(model)
+    optimizer = unwrap_optimizer(optimizer)
+    scheduler = unwrap_scheduler(scheduler)
     if plan is None:
-        plan = plan_growth(model.config, **plan_kwargs)
+        plan = plan_growth(model, **plan_kwargs)
     elif plan_kwargs:
         raise ValueError(f"give either plan= or plan_growth keywords, not both (got {sorted(plan_kwargs)})")
-    _validate(model, optimizer, scheduler, plan, schedule, rewarm_steps)
+    _validate(model, adapter, optimizer, scheduler, plan, schedule, rewarm_steps)
+    new_config = adapter.new_config(model.config, plan.new)
+    ref_old = adapter.build_reference(model, model.config)
+    ref_new = adapter.build_reference(model, new_config)
+    _check_new_config(model, adapter, plan, ref_old, ref_new)
     from .backends import resolve_backend
     widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
     new_bytes = _check_memory(model, optimizer, plan)
     if probe_batch is not None:
         small_logits, probe_y = _probe(model, probe_batch)
-    params_before = model.num_params()
-    dims_before = _dims(model.config)
+    params_before = _num_params(model)
     notes = []
     no_room = 0
 
@@ -337,17 +430,24 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         for batch in _batches(model, optimizer):
             items, states = [], []
             for name, p in batch:
+                tp = plan.tensors[name]
                 moments = _moments(optimizer, p)
-                items.append(([p.data, *moments.values()],
-                              build_group(plan.tensors[name], p, moments, strategy, plan.seed)))
+                olds = [p.data, *moments.values()]
+                if tp.transposed:  # the plan reads (out, in); the primitive takes any strides
+                    olds = [t.t() for t in olds]
+                items.append((olds, build_group(tp, olds[0], moments, strategy, plan.seed)))
                 states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moments)))
             results = widen_many(items)
             del items  # the old tensors of this batch go once their owners let go below
             for (name, p), (state, keys), outs in zip(batch, states, results):
                 tp = plan.tensors[name]
-                _replace_data(p, outs[0])
                 if tp.orthogonalize_fresh_rows:
-                    no_room += _orthogonalize_fresh_rows(p.data, tp)
+                    no_room += _orthogonalize_fresh_rows(outs[0], tp)
+                if tp.gain_offset:
+                    _finish_gain(outs[0], tp)
+                if tp.transposed:
+                    outs = [t.t().contiguous() for t in outs]
+                _replace_data(p, outs[0])
                 for key, new in zip(keys, outs[1:]):
                     state[key] = new
                 if strategy.reset_step and "step" in state:
@@ -358,14 +458,14 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     if no_room:
         notes.append(f"{no_room} new fan-in rows had no room orthogonal to the old rows "
                      f"(the old rows span their fan-in space) and stay as drawn")
-    model.config = plan.new
-    _sync_modules(model)
+    adapter.apply_config(model, new_config)
+    adapter.sync(model, ref_old, ref_new)
     if scheduler is not None and schedule == "rewarm":
         schedule_mod.rewarm_(scheduler, rewarm_steps)
 
     report = GrowthReport(
-        strategy=strategy.describe(), backend=backend_name, dims_before=dims_before,
-        dims_after=_dims(plan.new), params_before=params_before, params_after=model.num_params(),
+        strategy=strategy.describe(), backend=backend_name, dims_before=_dims(plan.old),
+        dims_after=_dims(plan.new), params_before=params_before, params_after=_num_params(model),
         bytes_allocated=new_bytes, seconds=time.perf_counter() - t0, exact=plan.exact, notes=notes)
     if not plan.exact:
         notes.append(f"not function preserving at step 0: {plan.not_exact_because}")
