@@ -312,15 +312,19 @@ def parse_options(items) -> dict:
     return out
 
 
+def growth_targets(factor=None, d_model=None, d_ff=None, n_head=None) -> dict:
+    """The widen_ targets given, or factor 2 when none is."""
+    targets = {k: v for k, v in dict(factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head).items()
+               if v is not None}
+    return targets or {"factor": 2}
+
+
 def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=None,
                     strategy="exact_copy", seed=0, schedule="continue", rewarm_steps=None,
                     options=None):
     """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry."""
     from .widen import widen_
-    targets = {k: v for k, v in dict(factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head).items()
-               if v is not None}
-    if not targets:
-        targets = {"factor": 2}
+    targets = growth_targets(factor, d_model, d_ff, n_head)
     device = next(ck.model.parameters()).device
     report = widen_(ck.model, ck.optimizer, ck.scheduler, strategy=strategy, seed=seed,
                     probe_batch=_probe_batch(corpus, ck.train_config, device),
@@ -331,7 +335,58 @@ def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=
     return report, entry
 
 
+# what save_pretrained writes as weights, one of them in every Hugging Face model directory
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+def checkpoint_kind(path) -> str:
+    """What `growkern grow` was given, by its files: "growkern" (meta.json in it or in
+    its ckpt/), "hf" (a Hugging Face model directory: config.json and weights) or
+    "trainer" (a Trainer checkpoint: that plus trainer_state.json or optimizer.pt)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p}: it does not exist")
+    if (p / ckpt_mod.META).is_file() or (p / "ckpt" / ckpt_mod.META).is_file():
+        return "growkern"
+    if (p / "config.json").is_file() and any((p / w).is_file() for w in HF_WEIGHTS):
+        return "trainer" if (p / "trainer_state.json").is_file() or (p / "optimizer.pt").is_file() else "hf"
+    names = sorted(f.name for f in p.iterdir()) if p.is_dir() else []
+    found = f"it holds {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}" if names else \
+        ("it is a file" if p.is_file() else "it is empty")
+    raise CLIError(f"{p} is not a growkern checkpoint (no {ckpt_mod.META} in it or in {p / 'ckpt'}), nor a "
+                   f"Hugging Face model directory or Trainer checkpoint (config.json and one of "
+                   f"{', '.join(HF_WEIGHTS)}); {found}")
+
+
+def grow_hf(args, kind: str) -> int:
+    """`growkern grow` of a Hugging Face model directory or Trainer checkpoint into the
+    new directory --out."""
+    what = "a Trainer checkpoint" if kind == "trainer" else "a Hugging Face model directory"
+    if args.schedule == "rewarm":
+        why = ("Trainer builds a fresh LR scheduler when it resumes and would drop the ramp; re-warm with "
+               "growkern.hf.GrowthCallback(schedule='rewarm') in the training run instead"
+               if kind == "trainer" else "a model directory has no LR schedule")
+        raise CLIError(f"--schedule rewarm: {args.ckpt} is {what}, and {why}")
+    if args.data:
+        raise CLIError(f"--data picks the validation probe of growkern checkpoints; {args.ckpt} is {what}")
+    from . import hf
+    report = hf.grow_saved(args.ckpt, args.out, device=resolve_device(args.device), strategy=args.strategy,
+                           seed=args.seed, **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
+                           **parse_options(args.option))
+    print(report)
+    print("  (step-0 preservation measured on random token ids)")
+    print(f"grown {what}: {args.out}")
+    if kind == "trainer":
+        print(f"resume it with a model built from it: AutoModelForCausalLM.from_pretrained({str(args.out)!r}), "
+              f"then trainer.train(resume_from_checkpoint={str(args.out)!r})")
+    return 0
+
+
 def cmd_grow(args) -> int:
+    kind = checkpoint_kind(args.ckpt)
+    if kind != "growkern":
+        return grow_hf(args, kind)
     ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
     corpus, _ = corpus_for(ck, args.data)
     if args.schedule == "rewarm" and not args.rewarm_steps:
@@ -586,9 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load CKPT, grow model, AdamW state and LR schedule with "
                                    "growkern.widen_, print the GrowthReport with the step-0 "
                                    "preservation on a validation batch, and save OUT/ckpt with the "
-                                   "report in its growth history.")
-    g.add_argument("ckpt", metavar="CKPT", help="checkpoint or run directory")
-    g.add_argument("--out", required=True, metavar="DIR", help="run directory for the grown checkpoint")
+                                   "report in its growth history.\n"
+                                   "CKPT may also be a Hugging Face model directory (save_pretrained) "
+                                   "or a Trainer checkpoint (checkpoint-N/): OUT is then a new "
+                                   "directory of the same kind, with the grown model (and "
+                                   "optimizer.pt) and the other files copied; resume a grown Trainer "
+                                   "checkpoint with a model built from OUT.")
+    g.add_argument("ckpt", metavar="CKPT", help="growkern checkpoint or run directory, Hugging Face model "
+                                                "directory, or Trainer checkpoint")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory for the grown checkpoint (OUT/ckpt); for a Hugging Face model or "
+                        "Trainer checkpoint, the new directory itself, which must not exist")
     g.add_argument("--factor", type=float, help="scale d_model, d_ff and heads (default 2)")
     g.add_argument("--d-model", type=int, help="target d_model (overrides --factor for it)")
     g.add_argument("--d-ff", type=int, help="target d_ff")
@@ -596,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="exact_copy", choices=strategies(), help="how new units are made")
     g.add_argument("--seed", type=int, default=0, help="seed of the growth's noise")
     g.add_argument("--schedule", default="continue", choices=["continue", "rewarm"],
-                   help="keep the LR schedule, or re-warm it linearly")
+                   help="keep the LR schedule, or re-warm it linearly (growkern checkpoints)")
     g.add_argument("--rewarm-steps", type=int, metavar="N", help="length of the re-warm ramp")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. noise=0.05, preserving=False)")
