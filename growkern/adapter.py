@@ -263,9 +263,11 @@ class Adapter:
 
     def build_reference(self, model: nn.Module, config) -> nn.Module:
         """The model class built from `config` with its parameters on the meta device
-        (no memory, no init cost) and its buffers real."""
+        (no memory, no init cost) and its buffers real, under the model's dtype as
+        default dtype, as from_pretrained(dtype=...) builds it: buffers computed at
+        construction (Gemma's embed_scale) then round the same way."""
         build = self.build or type(model)
-        with _parameters_on_meta():
+        with _parameters_on_meta(), _default_dtype(_dtype_of(model)):
             return build(config)
 
     def apply_config(self, model: nn.Module, new_config) -> None:
@@ -319,6 +321,23 @@ def _plain(v) -> bool:
     if isinstance(v, (tuple, list)):
         return all(_plain(x) for x in v)
     return False
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _device_of(model: nn.Module) -> torch.device:
