@@ -409,3 +409,19 @@ def test_random_targets_grow_as_planned_or_change_nothing(family, factor, d_mode
         assert_preserved(family, before, logits(model, x))
     model(x, labels=x).loss.backward()
     opt.step()
+
+
+def test_gpt2_explicit_d_ff_writes_n_inner(tmp_path):
+    """GPT-2 configs leave n_inner None (4 n_embd): a d_ff that is not 4 n_embd only
+    survives a reload because growkern writes n_inner."""
+    model = make("gpt2")
+    assert model.config.n_inner is None
+    x = batch()
+    before = logits(model, x)
+    widen_(model, d_ff=100)
+    assert model.config.n_inner == 100 and model.transformer.h[0].mlp.c_fc.nf == 100
+    assert_preserved("gpt2", before, logits(model, x))
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
+    assert back.transformer.h[0].mlp.c_fc.weight.shape == (16, 100)
+    assert_preserved("gpt2", before, logits(back, x))
