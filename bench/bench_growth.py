@@ -1,22 +1,41 @@
 """Benchmark widen_ end to end: time per strategy and step-0 preservation.
 
-For a GPT with AdamW state (param + exp_avg + exp_avg_sq), each strategy is timed
-over repeats (median and interquartile spread) against a baseline run in the same
-process: copying the same bytes (reading the old state once, writing the new state
-once) with plain tensor copies, the floor a fused growth aims for. Preservation is
-measured on a fixed batch. Rows are appended to bench/results/growth.csv with device,
-versions and git commit.
+A model with AdamW state (param + exp_avg + exp_avg_sq, from real optimizer steps) is
+grown by --factor with each strategy, timed over repeats (median and interquartile
+spread; each repeat grows a fresh copy, made untimed) against a baseline run in the same
+process: copying the same bytes (reading the old state once, writing the new state once)
+with plain tensor copies, the floor a fused growth aims for. The bytes are counted from
+the plan before anything runs. Per strategy, one untimed growth before the timed ones
+measures step-0 preservation on a fixed batch (and warms up), and one after them runs
+under cProfile for the time spent in the backend's kernels and in building their inputs
+(build_group); the median of the reports' own `seconds` is recorded too. The two
+meta-device builds of the model class that widen_ makes to check the new config and sync
+derived attributes (adapter.build_reference on the old and the new config) are timed on
+their own. Rows are appended to bench/results/growth.csv with device, versions and git
+commit.
+
+Models (--model):
+  gpt       growkern.GPT of --d-model, --n-layer, --n-head, --vocab, --block after 3 AdamW
+            steps; every strategy
+  hf-llama  transformers.LlamaForCausalLM of 100,092,672 parameters (HF_LLAMA: hidden 768,
+            intermediate 2048, 12 layers, 12 query and 4 key-value heads, vocab 32000, tied
+            embeddings) after one AdamW step; exact_copy and perturb (about 2 minutes on
+            2 CPU cores with 5 repeats)
 
     python bench/bench_growth.py --d-model 256 --n-layer 4 --repeats 5
+    python bench/bench_growth.py --model hf-llama
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import csv
 import datetime
+import gc
 import os
 import platform
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -27,121 +46,213 @@ from benchenv import device_name, git_commit, sync
 
 import growkern
 from growkern import GPT, GPTConfig
+from growkern.adapter import adapter_for
+from growkern.backends import resolve_backend
+from growkern.widen import build_group
 
 STRATEGIES = ["exact_copy", "perturb", "asym_reset", "structured", "szp", "scratch"]
+HF_STRATEGIES = ["exact_copy", "perturb"]
+HF_LLAMA = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                tie_word_embeddings=True)
 RESULTS = Path(__file__).resolve().parent / "results" / "growth.csv"
 
 
-
-
-
-
-def trained_state(cfg: GPTConfig, device, steps=3, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
+def adamw_steps(model, loss_fn, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size + 1), generator=g).to(device)
     for _ in range(steps):
-        _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
+        loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return model, opt, x
+    return opt
 
 
+def gpt_state(args, device, seed=0):
+    """(model, optimizer, token batch, transformers version) for --model gpt."""
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
+                    n_head=args.n_head, d_model=args.d_model)
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size + 1), generator=g).to(device)
+    opt = adamw_steps(model, lambda: model(x[:, :-1], x[:, 1:])[1], steps=3)
+    return model, opt, x, ""
 
 
-def time_it(fn, repeats, device):
-    times = []
+def hf_llama_state(args, device, seed=0):
+    """(model, optimizer, token batch, transformers version) for --model hf-llama."""
+    import transformers
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_LLAMA)).to(device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, HF_LLAMA["vocab_size"], (2, 65), generator=g).to(device)
+    opt = adamw_steps(model, lambda: model(input_ids=x, labels=x).loss, steps=1)
+    return model, opt, x, transformers.__version__
+
+
+MODELS = {"gpt": (gpt_state, STRATEGIES), "hf-llama": (hf_llama_state, HF_STRATEGIES)}
+
+
+def fresh_copy(model, opt):
+    model = copy.deepcopy(model)
+    new_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    new_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return model, new_opt
+
+
+def state_bytes(model, opt, plan):
+    """Bytes of the old and of the new parameters + optimizer moments."""
+    old = new = 0
+    for name, p in model.named_parameters():
+        size = sum(t.element_size() for t in (p, *opt.state[p].values()) if t.dim() > 0)
+        old += p.numel() * size
+        new += torch.Size(plan.tensors[name].new_shape).numel() * size
+    return old, new
+
+
+def copy_baseline(model, opt, plan, device):
+    """The floor: read every old tensor once, write a new tensor of the new size."""
+    def run():
+        for name, p in model.named_parameters():
+            new_shape = plan.tensors[name].new_shape
+            for t in (p.data, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
+                out = torch.empty(new_shape, dtype=t.dtype, device=device)
+                out.view(-1)[: t.numel()].copy_(t.view(-1))
+                out.view(-1)[t.numel():].zero_()
+    return run
+
+
+def time_it(make_run, repeats, device):
+    """Median, q25 and q75 seconds of run() over repeats, each run made (untimed) by
+    make_run(); and what the runs returned."""
+    times, results = [], []
     for _ in range(repeats):
-        setup = fn()
+        run = make_run()
         sync(device)
         t0 = time.perf_counter()
-        setup()
+        results.append(run())
         sync(device)
         times.append(time.perf_counter() - t0)
+        del run
+        gc.collect()  # the grown copy goes before the next one is made
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[0], q[2]
+    return statistics.median(times), q[0], q[2], results
+
+
+def profiled(run, parts):
+    """run() under cProfile: what it returned, and the cumulative seconds spent in each
+    function of `parts` (name -> function). Python-heavy parts read high under the profiler."""
+    prof = cProfile.Profile()
+    out = prof.runcall(run)
+    stats = pstats.Stats(prof).stats
+    seconds = {}
+    for name, fn in parts.items():
+        code = fn.__code__
+        seconds[name] = stats.get((code.co_filename, code.co_firstlineno, code.co_name), (0, 0, 0, 0.0))[3]
+    return out, seconds
+
+
+def append_rows(path: Path, rows):
+    """Append rows to the CSV at `path`. Columns it lacks go at the end: the header line is
+    rewritten and earlier rows, shorter, read as empty there."""
+    fields = list(rows[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with open(path, newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+        header = next(csv.reader(lines[:1]))
+        if fields[:len(header)] != header:
+            raise SystemExit(f"{path} has columns {header}, not a prefix of {fields}; give another --out")
+        if fields != header:
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+                f.writelines(lines[1:])
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if f.tell() == 0:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--block", type=int, default=128)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="gpt")
+    ap.add_argument("--d-model", type=int, default=256, help="gpt only")
+    ap.add_argument("--n-layer", type=int, default=4, help="gpt only")
+    ap.add_argument("--n-head", type=int, default=4, help="gpt only")
+    ap.add_argument("--vocab", type=int, default=4096, help="gpt only")
+    ap.add_argument("--block", type=int, default=128, help="gpt only")
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    ap.add_argument("--strategies", nargs="*", default=None,
+                    help=f"default all (gpt), {' '.join(HF_STRATEGIES)} (hf-llama)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    make_state, default_strategies = MODELS[args.model]
+    strategies = args.strategies or default_strategies
 
     device = torch.device(args.device)
-    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
-                    n_head=args.n_head, d_model=args.d_model)
-    base_model, base_opt, x = trained_state(cfg, device)
-    plan0 = growkern.plan_growth(cfg, factor=args.factor)
-    old_bytes = 3 * sum(p.numel() * p.element_size() for p in base_model.parameters())
-    new_elems = sum(torch.Size(tp.new_shape).numel() for tp in plan0.tensors.values())
-    new_bytes = 3 * new_elems * 4
+    base_model, base_opt, x, transformers_version = make_state(args, device)
+    probe = (x[:, :-1], x[:, 1:])
+    plan0 = growkern.plan_growth(base_model, factor=args.factor)
+    old_bytes, new_bytes = state_bytes(base_model, base_opt, plan0)
     moved = old_bytes + new_bytes
+    print(f"# {args.model}: {sum(p.numel() for p in base_model.parameters()):,} parameters, "
+          f"{old_bytes / 1e9:.2f} GB of parameters + AdamW moments -> {new_bytes / 1e9:.2f} GB, "
+          f"{moved / 1e9:.2f} GB moved per growth; {args.repeats} repeats")
 
-    def baseline():
-        olds = [t for p in base_model.parameters() for t in (p.data, *base_opt.state[p].values())
-                if t.dim() > 0]
-        def run():
-            # the floor: read every old tensor once, write a new tensor of the new size
-            for tp, p in zip(plan0.tensors.values(), base_model.parameters()):
-                for t in (p.data, base_opt.state[p]["exp_avg"], base_opt.state[p]["exp_avg_sq"]):
-                    out = torch.empty(tp.new_shape, dtype=t.dtype, device=device)
-                    out.view(-1)[: t.numel()].copy_(t.view(-1))
-                    out.view(-1)[t.numel():].zero_()
-        assert olds
-        return run
+    adapter = adapter_for(base_model)
+    new_config = adapter.new_config(base_model.config, plan0.new)
 
-    base_t, base_lo, base_hi = time_it(baseline, args.repeats, device)
+    def build_references():
+        adapter.build_reference(base_model, base_model.config)
+        adapter.build_reference(base_model, new_config)
+    build_ref_t = time_it(lambda: build_references, args.repeats, device)[0]
+
+    baseline = copy_baseline(base_model, base_opt, plan0, device)
+    baseline()  # untimed: puts the allocator in the state the timed passes see
+    base_t = time_it(lambda: baseline, args.repeats, device)[0]
+    parts = {"kernels_s": resolve_backend("auto", device, batch=True)[0], "groups_s": build_group}
+
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for strategy in args.strategies:
-        def setup():
-            model, opt = copy.deepcopy(base_model), None
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            opt.load_state_dict(copy.deepcopy(base_opt.state_dict()))
-            return lambda: growkern.widen_(model, opt, factor=args.factor, strategy=strategy, seed=0)
-        med, lo, hi = time_it(setup, args.repeats, device)
-        model = copy.deepcopy(base_model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        opt.load_state_dict(copy.deepcopy(base_opt.state_dict()))
-        rep = growkern.widen_(model, opt, factor=args.factor, strategy=strategy, seed=0,
-                              probe_batch=(x[:, :-1], x[:, 1:]))
+    for strategy in strategies:
+        def grow(probe_batch=None):
+            model, opt = fresh_copy(base_model, base_opt)
+            return lambda: growkern.widen_(model, opt, factor=args.factor, strategy=strategy, seed=0,
+                                           probe_batch=probe_batch)
+        rep = grow(probe)()  # untimed: preservation, and a warm-up
+        gc.collect()
+        med, lo, hi, reports = time_it(grow, args.repeats, device)
+        report_t = statistics.median(r.seconds for r in reports)
+        _, prof = profiled(grow(), parts)
+        gc.collect()
         p = rep.preservation
         row = {
             "date": stamp, "commit": git_commit(), "device": device_name(device),
             "torch": torch.__version__, "python": platform.python_version(),
             "backend": rep.backend, "strategy": strategy, "factor": args.factor,
-            "d_model": args.d_model, "n_layer": args.n_layer, "params_before": rep.params_before,
+            "d_model": plan0.old.d_model, "n_layer": plan0.old.n_layer, "params_before": rep.params_before,
             "params_after": rep.params_after, "bytes_moved": moved,
             "median_s": f"{med:.6f}", "q25_s": f"{lo:.6f}", "q75_s": f"{hi:.6f}",
             "baseline_copy_s": f"{base_t:.6f}", "ratio_vs_copy": f"{med / base_t:.2f}",
             "GBps": f"{moved / med / 1e9:.3f}", "baseline_GBps": f"{moved / base_t / 1e9:.3f}",
             "max_abs_dlogits": f"{p['max_abs_dlogits']:.3e}", "kl_small_wide": f"{p['kl_small_wide']:.3e}",
             "dloss": f"{p['dloss']:+.4f}", "exact": rep.exact,
+            "model": args.model, "transformers": transformers_version, "repeats": args.repeats,
+            "report_s": f"{report_t:.6f}", "kernels_s": f"{prof['kernels_s']:.6f}",
+            "groups_s": f"{prof['groups_s']:.6f}", "build_reference_s": f"{build_ref_t:.6f}",
         }
         rows.append(row)
         print(f"{strategy:11s} {rep.backend:9s} {med * 1e3:8.1f} ms [{lo * 1e3:.1f}, {hi * 1e3:.1f}]  "
               f"x{med / base_t:5.1f} of copy ({moved / med / 1e9:.2f} GB/s)  "
               f"max|dlogits| {p['max_abs_dlogits']:.2e}  KL {p['kl_small_wide']:.2e}  dloss {p['dloss']:+.4f}")
-    print(f"baseline copy {base_t * 1e3:.1f} ms ({moved / base_t / 1e9:.2f} GB/s), {moved / 2**20:.0f} MiB moved")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            w.writeheader()
-        w.writerows(rows)
+        print(f"{'':11s} report.seconds {report_t * 1e3:.1f} ms; profiled: kernels {prof['kernels_s'] * 1e3:.1f} ms, "
+              f"build_group {prof['groups_s'] * 1e3:.1f} ms")
+    print(f"baseline copy {base_t * 1e3:.1f} ms ({moved / base_t / 1e9:.2f} GB/s), {moved / 2**20:.0f} MiB moved; "
+          f"build_reference old + new config {build_ref_t * 1e3:.1f} ms")
+    append_rows(args.out, rows)
     print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
 
 
