@@ -451,3 +451,17 @@ def test_growth_that_does_not_fit_fails_up_front(monkeypatch):
     with pytest.raises(MemoryError, match="nothing was changed"):
         widen_(m, opt, sched, factor=2)
     assert_same(before, snapshot(m, opt, sched))
+
+
+def test_optimizer_that_does_not_train_exactly_this_model_is_refused_unchanged():
+    m = make(dtype=torch.float32)
+    opt = trained(m)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    before = snapshot(m, opt, sched)
+    params = list(m.parameters())
+    other = make(seed=1, dtype=torch.float32)
+    for bad, words in [(torch.optim.AdamW(other.parameters()), "not one of the model's"),
+                       (torch.optim.AdamW(params[1:]), "does not hold 1 trainable")]:
+        with pytest.raises(ValueError, match=words):
+            widen_(m, bad, factor=2)
+        assert_same(before, snapshot(m, opt, sched))
