@@ -206,8 +206,8 @@ def main(argv=None):
     new_config = adapter.new_config(base_model.config, plan0.new)
 
     def build_references():
-        adapter.build_reference(base_model, base_model.config)
-        adapter.build_reference(base_model, new_config)
+        adapter.build_reference(base_model.config, like=base_model)
+        adapter.build_reference(new_config, like=base_model)
     build_ref_t = time_it(lambda: build_references, args.repeats, device)[0]
 
     baseline = copy_baseline(base_model, base_opt, plan0, device)

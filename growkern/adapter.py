@@ -92,7 +92,7 @@ def linear(out: str, inp: str, *, out_role: str = "produce", bias: bool = False,
     """The weight (or, with bias=True, the bias) of a projection from `inp` to `out`."""
     rows = ((out, out_role),)
     if bias:
-        return Param(rows, kind="bias", transposed=False)
+        return Param(rows, kind="bias")
     return Param(rows, ((inp, "consume"),), **kw)
 
 
@@ -136,7 +136,7 @@ class Adapter:
       (Gemma: sqrt(d_model)); None for 1.
     head_dim_growth: whether head_dim may grow (attention reads its scale from head_dim
       and positions are not rotary); a bool or config -> bool.
-    init_std: (config, Param) -> the init std of a new matrix entry (szp, scratch).
+    init_std: (config, name, Param) -> the init std of a new matrix entry (szp, scratch).
     build: config -> a model of the class (default type(model)(config)).
     config_in_place: set the new widths on model.config itself (modules hold it, as in
       transformers) rather than giving the model a new config object.
@@ -151,11 +151,10 @@ class Adapter:
     gain_offset: float = 0.0
     embed_multiplier: Callable[[Shape], float] | None = None
     head_dim_growth: bool | Callable[[object], bool] = False
-    init_std: Callable[[object, Param], float] | None = None
+    init_std: Callable[[object, str, Param], float] | None = None
     build: Callable[[object], nn.Module] | None = None
     config_in_place: bool = True
     finish: Callable[[nn.Module], None] | None = None
-    notes: str = ""
     _compiled: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -167,10 +166,9 @@ class Adapter:
             if k not in DIM_KEYS + READ_KEYS:
                 raise ValueError(f"Adapter {self.name}: unknown config_keys entry {k!r}; allowed: "
                                  f"{', '.join(DIM_KEYS + READ_KEYS)}")
-        for k in ("n_head",):
-            if k not in self.config_keys:
-                raise ValueError(f"Adapter {self.name}: config_keys needs {k!r} (the head count "
-                                 f"cannot be read off parameter shapes)")
+        if "n_head" not in self.config_keys:
+            raise ValueError(f"Adapter {self.name}: config_keys needs 'n_head' (the head count "
+                             f"cannot be read off parameter shapes)")
         self._compiled = [(re.compile(p), spec) for p, spec in self.params.items()]
 
     # -- matching ---------------------------------------------------------------------
@@ -226,11 +224,10 @@ class Adapter:
         vocab = self._get(config, "vocab_size") or size_of("vocab")
         n_layer = self._get(config, "n_layer", 0)
         n_pos = size_of("position")
-        mult = 1.0
         eps_fixed = ""
         if "norm_eps" not in self.config_keys:
             eps_fixed = f"{type(model).__name__}'s norm eps is not in its config"
-        elif any(spec is HEAD_NORM_GAIN for spec in layout.values()):
+        elif any(spec == HEAD_NORM_GAIN for spec in layout.values()):
             eps_fixed = "q_norm/k_norm read the same config eps as the residual norms"
         shape = Shape(vocab_size=int(vocab), n_layer=int(n_layer), d_model=int(d_model), d_ff=int(d_ff),
                       n_head=int(n_head), n_kv_head=int(n_kv_head), head_dim=int(head_dim),
@@ -241,8 +238,8 @@ class Adapter:
                                            else self.head_dim_growth),
                       eps_fixed_because=eps_fixed)
         if self.embed_multiplier is not None:
-            mult = float(self.embed_multiplier(shape))
-        return shape.replace(embed_multiplier=mult)
+            shape = shape.replace(embed_multiplier=float(self.embed_multiplier(shape)))
+        return shape
 
     def new_config(self, config, new: Shape):
         """A copy of `config` with the widths of `new`."""
@@ -252,22 +249,23 @@ class Adapter:
                 setattr(out, attr, getattr(new, key))
         return out
 
-    def init_std_of(self, config, spec: Param) -> float:
+    def init_std_of(self, config, name: str, spec: Param) -> float:
         if spec.kind != "matrix":
             return 0.0
         if self.init_std is not None:
-            return float(self.init_std(config, spec))
+            return float(self.init_std(config, name, spec))
         return 0.02
 
     # -- building and syncing -------------------------------------------------------------
 
-    def build_reference(self, model: nn.Module, config) -> nn.Module:
-        """The model class built from `config` with its parameters on the meta device
-        (no memory, no init cost) and its buffers real, under the model's dtype as
-        default dtype, as from_pretrained(dtype=...) builds it: buffers computed at
-        construction (Gemma's embed_scale) then round the same way."""
-        build = self.build or type(model)
-        with _parameters_on_meta(), _default_dtype(_dtype_of(model)):
+    def build_reference(self, config, like: nn.Module | None = None) -> nn.Module:
+        """The model class (of `like`, or `build`) built from `config` with its parameters
+        on the meta device (no memory, no init cost) and its buffers real, under the dtype
+        of `like` as default dtype, as from_pretrained(dtype=...) builds it: buffers
+        computed at construction (Gemma's embed_scale) then round the same way."""
+        build = self.build or type(like)
+        dtype = _dtype_of(like) if like is not None else torch.get_default_dtype()
+        with _parameters_on_meta(), _default_dtype(dtype):
             return build(config)
 
     def apply_config(self, model: nn.Module, new_config) -> None:

@@ -10,14 +10,11 @@ import math
 
 from .adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, HEAD_NORM_GAIN, LM_HEAD, NORM_BIAS,
                       NORM_GAIN, POSITIONS, Adapter, Param, fused, linear, register_adapter)
+from .model import GPT as GPTModel, init_std as gpt_init_std
 
 L = r"\d+"  # a layer index
 
 # --- growkern.GPT ----------------------------------------------------------------------
-
-
-def _gpt_init_std(config, spec: Param) -> float:
-    return 0.02 / math.sqrt(2 * config.n_layer) if spec.residual_out else 0.02
 
 
 def _gpt_finish(model):
@@ -36,11 +33,11 @@ GPT = Adapter(
         rf"blocks\.{L}\.attn\.q_proj\.bias": linear("q", "d_model", out_role="query", bias=True),
         rf"blocks\.{L}\.attn\.[kv]_proj\.weight": linear("kv", "d_model"),
         rf"blocks\.{L}\.attn\.[kv]_proj\.bias": linear("kv", "d_model", bias=True),
-        rf"blocks\.{L}\.attn\.o_proj\.weight": linear("d_model", "q", residual_out=True),
+        rf"blocks\.{L}\.attn\.o_proj\.weight": linear("d_model", "q"),
         rf"blocks\.{L}\.attn\.o_proj\.bias": linear("d_model", "q", bias=True),
         rf"blocks\.{L}\.mlp\.(gate|up)\.weight": linear("d_ff", "d_model"),
         rf"blocks\.{L}\.mlp\.(gate|up)\.bias": linear("d_ff", "d_model", bias=True),
-        rf"blocks\.{L}\.mlp\.down\.weight": linear("d_model", "d_ff", residual_out=True),
+        rf"blocks\.{L}\.mlp\.down\.weight": linear("d_model", "d_ff"),
         rf"blocks\.{L}\.mlp\.down\.bias": linear("d_model", "d_ff", bias=True),
         r"ln_f\.weight": FINAL_NORM_GAIN,
         r"ln_f\.bias": FINAL_NORM_BIAS,
@@ -48,7 +45,8 @@ GPT = Adapter(
     },
     config_keys=dict(d_model="d_model", d_ff="d_ff", n_head="n_head", n_kv_head="n_kv_head",
                      norm_eps="norm_eps", vocab_size="vocab_size", n_layer="n_layer", norm="norm"),
-    init_std=_gpt_init_std,
+    init_std=lambda config, name, spec: gpt_init_std(name, config),  # as GPT.reset_parameters
+    build=GPTModel,
     head_dim_growth=lambda config: config.pos == "learned",  # rotary pairs do not survive it
     config_in_place=False,  # GPTConfig is a value; the model gets a new one
     finish=_gpt_finish,
@@ -58,11 +56,11 @@ GPT = Adapter(
 # --- Hugging Face transformers -----------------------------------------------------------
 
 
-def _hf_init_std(config, spec: Param) -> float:
+def _hf_init_std(config, name: str, spec: Param) -> float:
     return float(getattr(config, "initializer_range", 0.02))
 
 
-def _gpt2_init_std(config, spec: Param) -> float:
+def _gpt2_init_std(config, name: str, spec: Param) -> float:
     std = float(getattr(config, "initializer_range", 0.02))
     return std / math.sqrt(2 * config.n_layer) if spec.residual_out else std
 

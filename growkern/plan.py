@@ -21,10 +21,9 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-
 import torch.nn as nn
 
-from .adapter import Adapter, Param, Shape, adapter_for
+from .adapter import EMBEDDING, Adapter, Param, Shape, adapter_for, adapter_named
 from .model import GPTConfig
 
 DIMS = ("d_model", "d_ff", "kv_head", "head", "head_dim")
@@ -289,8 +288,8 @@ def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
 def _model_and_adapter(target) -> tuple[nn.Module, Adapter]:
     """The model to plan for: a model, or a growkern GPTConfig (planned on a meta-device GPT)."""
     if isinstance(target, GPTConfig):
-        from .adapter import adapter_named
-        return _meta_gpt(target), adapter_named("growkern.GPT")
+        adapter = adapter_named("growkern.GPT")
+        return adapter.build_reference(target), adapter
     if isinstance(target, nn.Module):
         from .widen import unwrap
         model = unwrap(target)
@@ -298,13 +297,6 @@ def _model_and_adapter(target) -> tuple[nn.Module, Adapter]:
     raise TypeError(f"plan_growth needs a model (growkern.GPT, a transformers causal LM, or a class "
                     f"registered with growkern.register_adapter) or a growkern.GPTConfig; "
                     f"got {type(target).__name__}")
-
-
-def _meta_gpt(config: GPTConfig):
-    from .adapter import _parameters_on_meta
-    from .model import GPT
-    with _parameters_on_meta():
-        return GPT(config)
 
 
 def plan_growth(model, *, factor: float | None = None, d_model: int | None = None,
@@ -339,7 +331,7 @@ def plan_growth(model, *, factor: float | None = None, d_model: int | None = Non
     plan.exact, plan.not_exact_because = strat.preservation(plan)
     config = getattr(model, "config", None)
     for name, spec in layout.items():
-        tp = _tensor_plan(plan, name, spec, adapter.init_std_of(config, spec), adapter.gain_offset)
+        tp = _tensor_plan(plan, name, spec, adapter.init_std_of(config, name, spec), adapter.gain_offset)
         plan.tensors[name] = strat.tensor_plan(plan, tp)
     return plan
 
@@ -404,7 +396,7 @@ def _tensor_plan(plan: GrowthPlan, name: str, spec: Param, init_std: float, gain
     # The residual stream starts as multiplier * embedding row (Gemma: sqrt(d_model)).
     # The embedding's produce axis takes m_old / m_new so the stream starts the same.
     ratio = plan.old.embed_multiplier / plan.new.embed_multiplier
-    if spec.cols is not None and spec.rows == (("vocab", "fixed"),) and spec.cols == (("d_model", "produce"),):
+    if spec == EMBEDDING:
         cols.scale = cols.scale * ratio
     if spec.final_norm and plan.old.tie_embeddings:
         # Tied embeddings: the d_model axis of the embedding both produces the residual

@@ -412,8 +412,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         raise ValueError(f"give either plan= or plan_growth keywords, not both (got {sorted(plan_kwargs)})")
     _validate(model, adapter, optimizer, scheduler, plan, schedule, rewarm_steps)
     new_config = adapter.new_config(model.config, plan.new)
-    ref_old = adapter.build_reference(model, model.config)
-    ref_new = adapter.build_reference(model, new_config)
+    ref_old = adapter.build_reference(model.config, like=model)
+    ref_new = adapter.build_reference(new_config, like=model)
     _check_new_config(model, adapter, plan, ref_old, ref_new)
     from .backends import resolve_backend
     widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
