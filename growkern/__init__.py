@@ -1,6 +1,6 @@
 """growkern: grow a trained dense causal LM in width, with its whole training state."""
 from .adapter import Adapter, Param, Shape, adapter_for, adapters, register_adapter
-from . import families  # registers growkern.GPT and the Hugging Face families (imports no transformers)
+from . import families  # noqa: F401  registers growkern.GPT and the Hugging Face families (imports no transformers)
 from .backends import backends
 from .model import GPT, GPTConfig
 from .plan import DimMap, GrowthPlan, plan_growth

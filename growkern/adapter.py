@@ -392,13 +392,11 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def adapters() -> list[str]:
-    from . import families  # noqa: F401  (registers the built-in families)
     return [a.name for a in _ADAPTERS]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter that grows `model`; TypeError naming the class and what is known."""
-    from . import families  # noqa: F401
     for a in _ADAPTERS:
         if a.matches(model):
             return a
@@ -408,7 +406,6 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 def adapter_named(name: str) -> Adapter:
-    from . import families  # noqa: F401
     for a in _ADAPTERS:
         if a.name == name:
             return a

@@ -17,6 +17,7 @@ never a mix. Loading checks everything it can and names what is wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -129,6 +130,33 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+@contextlib.contextmanager
+def staged_directory(path: Path):
+    """A hidden temporary directory beside `path`, to write into. When the block
+    succeeds, its files are synced and it replaces `path` (or becomes it) with one
+    atomic exchange, so a crash at any point leaves the old directory or the new one,
+    never a mix; on failure it is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if path.exists():
+            if not _exchange(tmp, path):  # now tmp holds the old directory
+                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _to_dict(x):
     return asdict(x) if is_dataclass(x) else dict(x)
 
@@ -155,10 +183,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
                          "(a LambdaLR of LRSchedule)")
     if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not a growkern checkpoint; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(path) as tmp:
         weights = _write_weights(tmp, model)
         _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
         _write_torch(tmp / STATE, {
@@ -169,10 +194,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
         tok_src = tokenizer_file or (tokenizer or {}).get("path")
         if tok_src and Path(tok_src).is_file():
             shutil.copyfile(tok_src, tmp / TOKENIZER)
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync(f)
-            files[f.name] = file_entry(f)
+        files = {f.name: file_entry(f) for f in sorted(tmp.iterdir())}
         meta = {
             "format": FORMAT, "step": int(step),
             "gpt_config": model.config.to_dict(), "train_config": train_config.to_dict(),
@@ -182,19 +204,6 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             "torch": torch.__version__, "files": files, "extra": extra or {},
         }
         _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
-        _fsync(tmp / META)
-        _fsync(tmp)
-        if path.exists():
-            if not _exchange(tmp, path):  # now tmp holds the old checkpoint
-                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

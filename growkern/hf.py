@@ -9,13 +9,10 @@ This module imports transformers; `import growkern` does not import it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -25,7 +22,7 @@ from transformers.utils import logging
 
 from . import schedule as schedule_mod
 from . import plan_growth, widen_
-from .checkpoint import _fsync
+from .checkpoint import staged_directory
 from .strategies import make_strategy
 from .widen import unwrap_scheduler
 
@@ -231,24 +228,6 @@ def check_out(src: Path, out: Path) -> None:
         raise FileExistsError(f"--out {out} exists; growkern grow writes a new directory and replaces nothing")
 
 
-@contextlib.contextmanager
-def new_directory(out: Path):
-    """A hidden temporary directory beside `out` that becomes `out` with one rename when
-    the block succeeds, so `out` is either complete or absent (see growkern/checkpoint.py)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        os.rename(tmp, out)
-        _fsync(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _other_files(src: Path, trainer_checkpoint: bool) -> list[Path]:
     """The files of `src` that go to the grown copy unchanged (tokenizer, trainer_state.json,
     scheduler.pt, rng_state*.pth, training_args.bin, ...): all but weights and optimizer."""
@@ -283,7 +262,7 @@ def grow_saved(path, out, *, device="cpu", **widen_kwargs):
     model = AutoModelForCausalLM.from_pretrained(src).to(device)
     optimizer = load_trainer_optimizer(src, model, device) if has_optimizer else None
     report = widen_(model, optimizer, probe_batch=probe_tokens(model, widen_kwargs.get("seed", 0)), **widen_kwargs)
-    with new_directory(out) as tmp:
+    with staged_directory(out) as tmp:  # out is complete or absent, never half-written
         model.save_pretrained(tmp)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
