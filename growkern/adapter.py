@@ -200,11 +200,11 @@ class Adapter:
         v = getattr(config, attr, None) if attr else None
         return default if v is None else v
 
-    def shape(self, model: nn.Module) -> Shape:
+    def shape(self, model: nn.Module, layout: dict[str, Param] | None = None) -> Shape:
         """The model's widths, from its config and, for widths with no config key,
-        its parameter shapes."""
+        its parameter shapes (`layout`: self.layout(model), when the caller has it)."""
         config = model.config
-        layout = self.layout(model)
+        layout = layout if layout is not None else self.layout(model)
         params = dict(model.named_parameters())
 
         def size_of(dim):

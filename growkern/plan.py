@@ -312,7 +312,7 @@ def plan_growth(model, *, factor: float | None = None, d_model: int | None = Non
     model, adapter = _model_and_adapter(model)
     strat = make_strategy(strategy, **strategy_options)
     layout = adapter.layout(model)
-    old = adapter.shape(model)
+    old = adapter.shape(model, layout)
     new = _target_shape(old, factor, d_model, d_ff, n_head)
     if adapter.embed_multiplier is not None:
         new = new.replace(embed_multiplier=float(adapter.embed_multiplier(new)))
