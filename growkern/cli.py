@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -321,14 +322,18 @@ def growth_targets(factor=None, d_model=None, d_ff=None, n_head=None) -> dict:
 
 def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=None,
                     strategy="exact_copy", seed=0, schedule="continue", rewarm_steps=None,
-                    options=None):
-    """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry."""
+                    options=None, plan=None):
+    """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry.
+    `plan`: the plan_growth of the same targets, when the caller made it already."""
+    from .plan import plan_growth
     from .widen import widen_
     targets = growth_targets(factor, d_model, d_ff, n_head)
+    if plan is None:
+        plan = plan_growth(ck.model, strategy=strategy, seed=seed, **targets, **(options or {}))
     device = next(ck.model.parameters()).device
-    report = widen_(ck.model, ck.optimizer, ck.scheduler, strategy=strategy, seed=seed,
+    report = widen_(ck.model, ck.optimizer, ck.scheduler, plan=plan,
                     probe_batch=_probe_batch(corpus, ck.train_config, device),
-                    schedule=schedule, rewarm_steps=rewarm_steps, **targets, **(options or {}))
+                    schedule=schedule, rewarm_steps=rewarm_steps)
     entry = dataclasses.asdict(report)
     entry.update(step=ck.step, source=str(ck.path), schedule=schedule, rewarm_steps=rewarm_steps,
                  seed=seed, targets=targets, options=options or {})
@@ -383,22 +388,64 @@ def grow_hf(args, kind: str) -> int:
     return 0
 
 
+# A growth that multiplies the parameters by more than this is announced as a warning.
+LARGE_GROWTH = 16
+
+
+def _check_grow_out(src: Path, out: Path, force: bool) -> None:
+    """OUT/ckpt must not hold a checkpoint (the source's own above all) unless --force."""
+    target = out / "ckpt"
+    if not (target / ckpt_mod.META).is_file() or force:
+        return
+    same = target.resolve() == src.resolve()
+    raise CLIError(f"{target} already holds a checkpoint{' (the one being grown)' if same else ''}; "
+                   f"give a new --out, or --force to replace it")
+
+
+def _announce_growth(model, optimizer, plan, out: Path) -> None:
+    """Say what the growth will cost before doing it, and refuse what the disk cannot hold."""
+    from .widen import new_state_bytes
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(math.prod(tp.new_shape) for tp in plan.tensors.values())
+    size = new_state_bytes(model, optimizer, plan)
+    dims = ", ".join(f"{k} {getattr(plan.old, k)} -> {getattr(plan.new, k)}" for k in ("d_model", "d_ff", "n_head"))
+    print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
+          f"checkpoint about {size / 2**30:.2f} GiB")
+    if after > LARGE_GROWTH * before:
+        print(f"warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
+              f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if size > free:
+        raise CLIError(f"the grown checkpoint needs about {size / 2**30:.2f} GiB, {existing} has "
+                       f"{free / 2**30:.2f} GiB free; nothing was written")
+
+
 def cmd_grow(args) -> int:
     kind = checkpoint_kind(args.ckpt)
     if kind != "growkern":
         return grow_hf(args, kind)
-    ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
-    corpus, _ = corpus_for(ck, args.data)
+    from .plan import plan_growth
+    out = Path(args.out)
+    src, _ = ckpt_mod.read_meta(args.ckpt)
+    _check_grow_out(src, out, args.force)
     if args.schedule == "rewarm" and not args.rewarm_steps:
         raise CLIError("--schedule rewarm needs --rewarm-steps N")
-    report, entry = grow_checkpoint(ck, corpus, factor=args.factor, d_model=args.d_model, d_ff=args.d_ff,
-                                    n_head=args.n_head, strategy=args.strategy, seed=args.seed,
+    ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
+    targets = growth_targets(args.factor, args.d_model, args.d_ff, args.n_head)
+    options = parse_options(args.option)
+    try:
+        plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
+    except TypeError as e:  # a strategy option of the wrong type
+        raise CLIError(str(e)) from None
+    _announce_growth(ck.model, ck.optimizer, plan, out)
+    corpus, _ = corpus_for(ck, args.data)
+    report, entry = grow_checkpoint(ck, corpus, **targets, strategy=args.strategy, seed=args.seed,
                                     schedule=args.schedule, rewarm_steps=args.rewarm_steps,
-                                    options=parse_options(args.option))
+                                    options=options, plan=plan)
     print(report)
     p = report.preservation
     print(f"  probe batch loss (validation): small {p['loss_small']:.4f} -> wide {p['loss_wide']:.4f}")
-    out = Path(args.out)
     ckpt_mod.save(out / "ckpt", ck.model, ck.optimizer, ck.scheduler, step=ck.step,
                   train_config=ck.train_config, data_state=ck.data, rng=ck.rng,
                   tokenizer=ck.tokenizer, tokenizer_file=ck.tokenizer_file,
@@ -665,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy option, repeatable (e.g. noise=0.05, preserving=False)")
     g.add_argument("--data", metavar="PATH", help="data for the validation probe (default: the run's)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT/ckpt "
+                                                        "(growkern checkpoints)")
     g.set_defaults(func=cmd_grow)
 
     e = sub.add_parser("eval", formatter_class=_Formatter, help="validation loss of a checkpoint",
@@ -745,10 +794,11 @@ def main(argv=None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.func(args) or 0
-    except (CLIError, ckpt_mod.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CLIError, ckpt_mod.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+            MemoryError) as e:
         if os.environ.get("GROWKERN_DEBUG"):
             raise
-        print(f"growkern {args.command}: error: {e}", file=sys.stderr)
+        print(f"growkern {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) get their setting back

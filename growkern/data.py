@@ -65,6 +65,16 @@ def read_stories(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    try:
+        texts = _read_texts(path, suffix)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: it holds byte {e.object[e.start]:#04x}, "
+                         f"which UTF-8 cannot decode; re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+    stories = (t.strip() for t in texts)
+    return [s for s in stories if s]
+
+
+def _read_texts(path: Path, suffix: str) -> list[str]:
     if suffix == ".txt":
         # Text mode gives universal newlines, so CRLF files split the same way.
         texts = _SEPARATOR_RE.split(path.read_text(encoding="utf-8"))
@@ -75,8 +85,7 @@ def read_stories(path: str | os.PathLike) -> list[str]:
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} "
                          "(expected .txt, .json, .jsonl or .parquet)")
-    stories = (t.strip() for t in texts)
-    return [s for s in stories if s]
+    return texts
 
 
 def _read_json_texts(path: Path) -> list[str]:

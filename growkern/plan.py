@@ -266,6 +266,11 @@ def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
         if new < old:
             raise ValueError(f"target {name}={new} is smaller than the current {old}; "
                              f"growkern only grows (allowed: {name} >= {old})")
+    if (d_model, d_ff, n_head) == (c.d_model, c.d_ff, c.n_head):
+        asked = f"factor {factor} leaves" if factor is not None else "the targets leave"
+        raise ValueError(f"{asked} every width unchanged (d_model {c.d_model}, d_ff {c.d_ff}, "
+                         f"n_head {c.n_head}): nothing to grow; allowed: a factor whose rounded widths "
+                         f"grow, or a target larger than the current width")
     if n_head % group:
         raise ValueError(f"n_head={n_head} is not a multiple of the GQA group size {group} "
                          f"(n_head/n_kv_head = {c.n_head}/{c.n_kv_head}); kv heads grow with the same factor")

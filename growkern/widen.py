@@ -187,7 +187,7 @@ def _check_new_config(model, adapter: Adapter, plan: GrowthPlan, ref_old, ref_ne
 
 def _check_memory(model, optimizer, plan):
     """Fail up front when the new state cannot fit on the device."""
-    need = _new_state_bytes(model, optimizer, plan)
+    need = new_state_bytes(model, optimizer, plan)
     dev = next(model.parameters()).device
     free = _free_bytes(dev)
     if free is not None and need > free:
@@ -215,7 +215,9 @@ def _moments(optimizer, p) -> dict:
     return {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
 
 
-def _new_state_bytes(model, optimizer, plan) -> int:
+def new_state_bytes(model, optimizer, plan) -> int:
+    """Bytes of the grown parameters and their optimizer moments (what widen_ allocates,
+    and about what a checkpoint of the grown state holds)."""
     total = 0
     for name, p in model.named_parameters():
         n = math.prod(plan.tensors[name].new_shape)
@@ -351,6 +353,43 @@ def logits_of(output) -> torch.Tensor:
     return output[0]
 
 
+def _check_probe(probe_batch, shape, device) -> None:
+    """probe_batch is token ids (batch, seq), or (ids, targets), the model can read."""
+    allowed = "allowed: an integer tensor of token ids (batch, seq), or a pair (ids, targets)"
+    parts = list(probe_batch) if isinstance(probe_batch, (tuple, list)) else [probe_batch]
+    if not 1 <= len(parts) <= 2 or not all(torch.is_tensor(t) for t in parts):
+        got = type(probe_batch).__name__
+        if isinstance(probe_batch, (tuple, list)):
+            got += f" of ({', '.join(type(t).__name__ for t in parts)})"
+        raise TypeError(f"probe_batch: got {got}; {allowed}")
+    for what, t in zip(("ids", "targets"), parts):
+        if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+            raise TypeError(f"probe_batch {what} have dtype {t.dtype}; {allowed}")
+        if t.dim() != 2 or t.numel() == 0:
+            raise ValueError(f"probe_batch {what} have shape {tuple(t.shape)}; {allowed}")
+        if t.device != device:
+            raise ValueError(f"probe_batch {what} are on {t.device}, the model on {device}; move them")
+    x = parts[0]
+    if len(parts) == 2 and parts[1].shape != x.shape:
+        raise ValueError(f"probe_batch targets have shape {tuple(parts[1].shape)}, the ids {tuple(x.shape)}; "
+                         f"they must match")
+    if len(parts) == 1 and x.shape[1] < 2:
+        raise ValueError("probe_batch ids without targets need sequences of 2 or more tokens "
+                         "(the targets are the ids shifted by one)")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= shape.vocab_size:
+        raise ValueError(f"probe_batch ids range over [{lo}, {hi}]; allowed: [0, {shape.vocab_size - 1}] "
+                         f"(vocab_size {shape.vocab_size})")
+    if len(parts) == 2:
+        y = parts[1][parts[1] != -100]  # the ignore index of nll_loss and transformers' labels
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= shape.vocab_size):
+            raise ValueError(f"probe_batch targets range over [{int(y.min())}, {int(y.max())}]; allowed: "
+                             f"[0, {shape.vocab_size - 1}], or -100 to ignore a position")
+    if shape.n_positions is not None and x.shape[1] > shape.n_positions:
+        raise ValueError(f"probe_batch sequences have {x.shape[1]} tokens; the model has {shape.n_positions} "
+                         f"positions")
+
+
 def _probe(model, probe_batch):
     x = probe_batch[0] if isinstance(probe_batch, (tuple, list)) else probe_batch
     y = probe_batch[1] if isinstance(probe_batch, (tuple, list)) and len(probe_batch) > 1 else None
@@ -419,6 +458,7 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
     new_bytes = _check_memory(model, optimizer, plan)
     if probe_batch is not None:
+        _check_probe(probe_batch, plan.old, next(model.parameters()).device)
         small_logits, probe_y = _probe(model, probe_batch)
     params_before = _num_params(model)
     notes = []

@@ -90,6 +90,39 @@ def test_cli_resume_is_exact(tmp_path, capsys):
 
 
 @needs_real
+def test_grow_refuses_what_would_lose_or_waste_work(tmp_path, capsys, monkeypatch):
+    src, out = tmp_path / "small", tmp_path / "wide"
+    assert run(capsys, "train", "--data", REAL, "--steps", 2, "--out", src, *FAST)[0] == 0
+    trained = (src / "ckpt" / C.META).read_bytes()
+
+    def refused(*argv, words):
+        rc, stdout, err = run(capsys, "grow", *argv)
+        (error,) = [line for line in err.splitlines() if not line.startswith("warning:")]
+        assert rc == 2 and error.startswith("growkern grow: error: ") and words in error, err
+        assert "Traceback" not in stdout + err
+        assert (src / "ckpt" / C.META).read_bytes() == trained
+
+    refused(src, "--out", src, words="already holds a checkpoint (the one being grown)")
+    refused(src / "ckpt", "--out", src, words="the one being grown")
+    refused(src, "--factor", 1, "--out", out, words="factor 1.0 leaves every width unchanged")
+    refused(src, "--d-model", 64, "--out", out, words="the targets leave every width unchanged")
+    refused(src, "--factor", 1000, "--out", out, words="GiB")  # memory or disk, said in one line
+    import growkern.widen
+    with monkeypatch.context() as m:
+        m.setattr(growkern.widen, "_free_bytes", lambda dev: 1000)
+        refused(src, "--out", out, words="GiB are free; nothing was changed")
+    assert not out.exists()
+
+    rc, stdout, err = run(capsys, "grow", src, "--factor", 5, "--out", out)
+    assert rc == 0 and "-> 320" in stdout and "checkpoint about" in stdout and "warning: this growth" in err
+    refused(src, "--out", out, words=f"{out / 'ckpt'} already holds a checkpoint; give a new --out, or --force")
+    rc, stdout, _ = run(capsys, "grow", src, "--out", out, "--force")
+    assert rc == 0 and C.load(out).gpt_config.d_model == 128
+    rc, _, _ = run(capsys, "grow", src, "--out", src, "--force")  # in place, when asked for
+    assert rc == 0 and C.load(src).gpt_config.d_model == 128
+
+
+@needs_real
 def test_config_file_and_flag_precedence(tmp_path, capsys):
     toml = tmp_path / "run.toml"
     toml.write_text("[model]\nn_layer = 1\nd_model = 32\n[train]\nsteps = 2\nlr = 0.002\nbatch_size = 2\n")

@@ -77,6 +77,15 @@ def test_read_stories_crlf_and_empty(tmp_path):
     assert D.read_stories(tmp_path / "empty.txt") == []
 
 
+@pytest.mark.parametrize("name", ["valid.txt", "valid.jsonl"])
+def test_non_utf8_file_is_named(tmp_path, name):
+    story = "Жила-была кошка.".encode("cp1251")  # 0xc6 ... : not UTF-8
+    p = tmp_path / name
+    p.write_bytes(story + b"\n<|endoftext|>\n" if name.endswith(".txt") else b'{"text": "' + story + b'"}\n')
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text: it holds byte 0x[0-9a-f]{{2}}"):
+        D.read_stories(p)
+
+
 def test_read_stories_json_shards(tmp_path):
     recs = [{"text": " a café "}, {"text": ""}, {"text": "b 🐉"}]
     (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")

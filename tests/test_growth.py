@@ -379,6 +379,16 @@ class NotAnOptimizer(torch.optim.RMSprop):
     (dict(factor=2, schedule="rewarm"), ValueError, "rewarm_steps"),
     (dict(factor=2, backend="fortran"), ValueError, "unknown backend"),
     (dict(), ValueError, "give a growth factor"),
+    (dict(factor=1), ValueError, "factor 1 leaves every width unchanged"),
+    (dict(d_model=16, d_ff=24), ValueError, "the targets leave every width unchanged"),
+    (dict(factor=2, probe_batch="Once upon a time"), TypeError, "probe_batch: got str"),
+    (dict(factor=2, probe_batch=(batch(), "y")), TypeError, r"got tuple of \(Tensor, str\)"),
+    (dict(factor=2, probe_batch=batch().float()), TypeError, "dtype torch.float32"),
+    (dict(factor=2, probe_batch=batch()[0]), ValueError, r"shape \(12,\)"),
+    (dict(factor=2, probe_batch=batch() + VOCAB), ValueError, rf"allowed: \[0, {VOCAB - 1}\]"),
+    (dict(factor=2, probe_batch=(batch(), batch()[:, :5])), ValueError, "targets have shape"),
+    (dict(factor=2, probe_batch=(batch(), -batch() - 1)), ValueError, "or -100 to ignore"),
+    (dict(factor=2, probe_batch=torch.randint(0, VOCAB, (2, 40))), ValueError, "40 tokens; the model has 16"),
 ])
 def test_bad_input_changes_nothing(bad, exc, words):
     m = make(dtype=torch.float32)
@@ -388,6 +398,14 @@ def test_bad_input_changes_nothing(bad, exc, words):
     with pytest.raises(exc, match=words):
         widen_(m, opt, sched, **bad)
     assert_same(before, snapshot(m, opt, sched))
+
+
+def test_model_on_meta_device_is_refused():
+    with torch.device("meta"):
+        m = make(dtype=torch.float32)
+    with pytest.raises(ValueError, match="on the meta device"):
+        widen_(m, factor=2)
+    assert m.config.d_model == 16 and m.wte.weight.shape == (VOCAB, 16)
 
 
 def test_rope_head_dim_growth_rejected_unchanged():
