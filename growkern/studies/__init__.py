@@ -45,6 +45,8 @@ def add_study_commands(subparsers) -> None:
         if name == "growth-factor":
             sp.add_argument("--strategy", default=None,
                             help="growth strategy (default: the preset's, szp)")
+        sp.add_argument("--force", action="store_true",
+                        help="replace the report of a different preset, data or study in --out")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
         sp.set_defaults(study=name)
 
@@ -68,5 +70,5 @@ def run_study_cli(args, command: str | None = None) -> int:
     if command is None:
         command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
     STUDIES[args.study](args.preset, args.out, args.data, device=args.device, threads=args.threads,
-                        progress=not args.quiet, command=command, **overrides)
+                        progress=not args.quiet, command=command, force=args.force, **overrides)
     return 0

@@ -12,7 +12,11 @@ def main(argv=None) -> int:
     add_study_commands(parser.add_subparsers(dest="study", required=True))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    return run_study_cli(args, command="python -m growkern.studies " + shlex.join(argv))
+    try:
+        return run_study_cli(args, command="python -m growkern.studies " + shlex.join(argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m growkern.studies {args.study}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -88,3 +88,27 @@ class RunStore:
             res = compute()
             self.put(key, config, res)
         return res
+
+
+def check_output(out, study: str, preset: dict, corpus_key: str | None = None, force: bool = False) -> None:
+    """Refuse to write a study's report over a different study's: `out`/study.json names
+    the study, preset and data whose results the folder holds. Per-run results are keyed
+    by their config and never clash; the report, results.csv and plots would be replaced."""
+    held = read_json(Path(out) / "study.json")
+    if force or not isinstance(held, dict):
+        return
+    preset = json.loads(json.dumps(_jsonable(preset)))  # as study.json stores it: tuples are lists
+    mine = {"study": study, "preset": preset, "corpus_key": corpus_key}
+    differ = [k for k in mine if mine[k] is not None and held.get(k) != mine[k]]
+    if not differ:
+        return
+    if "study" in differ:
+        what = f"the {held.get('study')} study"
+    elif "preset" in differ:
+        fields = sorted(k for k in set(preset) | set(held.get("preset") or {})
+                        if preset.get(k) != (held.get("preset") or {}).get(k))
+        what = f"preset {(held.get('preset') or {}).get('name')!r} (differs in {', '.join(fields)})"
+    else:
+        what = f"results on other data ({held.get('data')})"
+    raise ValueError(f"{out} holds {what}; this {study} run would replace its report: give another "
+                     f"--out (default results/{study}-<preset>), or --force to replace it")

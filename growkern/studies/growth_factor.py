@@ -25,7 +25,7 @@ from .. import train as train_mod
 from ..model import GPT, GPTConfig
 from ..plan import plan_growth
 from ..widen import widen_
-from .cache import RunStore, atomic_write_json, config_key
+from .cache import RunStore, atomic_write_json, check_output, config_key
 from .heldout import heldout_windows, load_corpus, resolve_device, torch_threads, val_loss
 from .presets import default_data, get_preset, preset_dict
 from .progress import Progress, fmt_seconds
@@ -125,7 +125,7 @@ def _command(preset_name, out) -> str:
 
 
 def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", threads=None,
-                      progress: bool = True, command: str | None = None, **overrides) -> StudyResult:
+                      progress: bool = True, command: str | None = None, force: bool = False, **overrides) -> StudyResult:
     """Run (or finish, or re-report) the growth-factor study into `out`: results.csv,
     scratch_curve.csv, report.md and PNG plots. `overrides` replace preset fields
     (e.g. strategy="exact_copy", budgets=(5, 10))."""
@@ -134,11 +134,13 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
     p = get_preset("growth-factor", preset, **overrides)
     validate(p)
     out = Path(out) if out is not None else Path("results") / f"growth-factor-{p.name}"
+    check_output(out, "growth-factor", preset_dict(p), force=force)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     with torch_threads(threads or p.threads):
         corpus = load_corpus(data, p.vocab_size, out / "cache" / "corpus")
+        check_output(out, "growth-factor", preset_dict(p), corpus.key, force=force)
         windows = heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
         tokref = ckpt_mod.tokenizer_ref(corpus)
         target = target_config(p, corpus.vocab_size)

@@ -19,7 +19,7 @@ from .. import train as train_mod
 from ..model import GPTConfig
 from ..plan import plan_growth
 from ..widen import widen_
-from .cache import RunStore, atomic_write_json, config_key
+from .cache import RunStore, atomic_write_json, check_output, config_key
 from .heldout import (frozen_copy, heldout_kl, heldout_windows, load_corpus, param_snapshot,
                       resolve_device, torch_threads, val_loss)
 from .presets import REGIMES, WARMSTART_STRATEGIES, default_data, get_preset, preset_dict
@@ -141,7 +141,7 @@ def _default_command(preset_name, out) -> str:
 
 
 def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads=None,
-                  progress: bool = True, command: str | None = None, **overrides) -> StudyResult:
+                  progress: bool = True, command: str | None = None, force: bool = False, **overrides) -> StudyResult:
     """Run (or finish, or re-report) the warmstart study into `out`: results.csv,
     report.md and PNG plots. Finished runs are read from `out`/runs; base checkpoints
     from `out`/cache/base. `overrides` replace preset fields (e.g. continuation=64)."""
@@ -150,11 +150,13 @@ def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads
     p = get_preset("warmstart", preset, **overrides)
     validate(p)
     out = Path(out) if out is not None else Path("results") / f"warmstart-{p.name}"
+    check_output(out, "warmstart", preset_dict(p), force=force)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     with torch_threads(threads or p.threads):
         corpus = load_corpus(data, p.vocab_size, out / "cache" / "corpus")
+        check_output(out, "warmstart", preset_dict(p), corpus.key, force=force)
         windows = heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
         gcfg, tcfg = base_configs(p, corpus.vocab_size)
         base_cfg = {"kind": "warmstart-base", "gpt": gcfg.to_dict(),
