@@ -110,6 +110,22 @@ def test_warmstart_rerun_trains_nothing(warmstart, monkeypatch):
     assert "python -m growkern.studies warmstart --preset smoke" in (out / "report.md").read_text()
 
 
+def test_a_study_never_replaces_another_studys_report_unasked(warmstart, monkeypatch, capsys):
+    out, _ = warmstart
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    no_training(monkeypatch)
+    with pytest.raises(ValueError, match=r"holds the warmstart study; .* give another --out .* or --force"):
+        run_growth_factor("smoke", out, data=REAL, progress=False)
+    with pytest.raises(ValueError, match=r"holds preset 'smoke' \(differs in continuation\)"):
+        run_warmstart("smoke", out, data=REAL, progress=False, continuation=64)
+    with pytest.raises(ValueError, match=r"holds preset 'smoke' \(differs in .*name"):
+        run_warmstart("cpu", out, data=REAL, progress=False)
+    assert studies_main(["growth-factor", "--out", str(out), "--data", str(REAL), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: " in err and "Traceback" not in err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+
+
 def test_warmstart_interrupted_reruns_only_what_is_missing(warmstart):
     out, res = warmstart
     lost = sorted((out / "runs").glob("*.json"))[:2]  # as if the study stopped before them
@@ -121,6 +137,47 @@ def test_warmstart_interrupted_reruns_only_what_is_missing(warmstart):
     assert (again.computed, again.cached) == (2, 54)
     assert again.train_steps == 2 * 32  # the base checkpoints are reused: continuations only
     assert strip(read_csv(out / "results.csv")[1]) == before  # bit-identical recomputation
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed")
+def test_warmstart_curve_plot_shows_every_candidate(tmp_path, monkeypatch):
+    """Synthetic rows: perturb coincides with exact_copy (1e-6 nats), scratch lies far above
+    the warm starts. Every candidate must still show, in its own style, and the pair is named."""
+    from types import SimpleNamespace
+
+    from matplotlib.colors import to_rgba
+
+    from growkern.studies import warmstart_report
+
+    base = [4.0, 3.9, 3.85, 3.8, 3.78]
+    shift = {"exact_copy": 0.0, "perturb": 1e-6, "structured": -0.03, "szp": 0.2, "scratch": 3.0}
+    p = SimpleNamespace(name="synthetic", strategies=tuple(shift), regimes=("deterministic",), checkpoints=(10, 20),
+                        probe_lag=2)
+    rows = [{"regime": "deterministic", "checkpoint": c, "seed": seed, "strategy": s, "loss_small": 4.0,
+             "curve": [[2 * i, y + d + 0.01 * seed] for i, y in enumerate(base)], "final_loss": base[-1] + d,
+             "probe_loss": base[1] + d} for c in p.checkpoints for seed in (0, 1) for s, d in shift.items()]
+    figs = []
+    monkeypatch.setattr(warmstart_report, "SELECTORS", ("probe_loss",))  # a small selectors.png
+    monkeypatch.setattr(warmstart_report, "save_figure", lambda plt, fig, path: figs.append(fig) or path)
+    warmstart_report._plots(tmp_path, p, rows)
+    fig = figs[0]  # curves_deterministic
+    style = lambda ln: (to_rgba(ln.get_color()), ln.get_linestyle(), ln.get_marker())  # noqa: E731
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    entries = {t.get_text(): style(ln) for lg in legends for t, ln in zip(lg.get_texts(), lg.get_lines())}
+    named = {s: next(t for t in entries if t.split(" ")[0] == s) for s in p.strategies}
+    assert len({entries[t] for t in named.values()}) == len(p.strategies)  # no two share a style
+    assert "exact_copy" in named["perturb"]  # the coinciding pair is named in the legend
+
+    def shows(ax, ln):
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        return ln.get_visible() and any(x0 <= x <= x1 and y0 <= y <= y1 for x, y in ln.get_xydata())
+
+    for s, text in named.items():
+        for c in range(len(p.checkpoints)):  # in every checkpoint's column of panels
+            column = [ax for ax in fig.axes if ax.get_subplotspec().colspan.start == c]
+            assert any(shows(ax, ln) for ax in column for ln in ax.get_lines() if style(ln) == entries[text]), (s, c)
+    for f in figs:
+        warmstart_report.pyplot().close(f)
 
 
 # --- growth factor ----------------------------------------------------------------

@@ -12,6 +12,7 @@ from .warmstart import COLUMNS, PRESERVING, SELECTORS
 
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
 LOG_SELECTORS = ("pres_kl", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)
+SAME_TOL = 1e-4  # nats: mean curves this close at every eval step are named as coinciding in the legend
 
 
 def ranking(rows, regime: str, strategies, column: str) -> list[tuple[str, float]]:
@@ -101,38 +102,80 @@ def comparison(rows, p, ranks, corr) -> str:
     return " ".join(text)
 
 
+def _mean_curves(rows, regime, checkpoints, strategies) -> dict:
+    """(checkpoint, strategy) -> (steps, val loss averaged over seeds)."""
+    means = {}
+    for step in checkpoints:
+        for s in strategies:
+            curves = [r["curve"] for r in rows if r["regime"] == regime and r["checkpoint"] == step
+                      and r["strategy"] == s]
+            if curves:
+                xs = [x for x, _ in curves[0]]
+                means[(step, s)] = (xs, [mean(c[i][1] for c in curves) for i in range(len(xs))])
+    return means
+
+
+def _same_as(means, strategies, s):
+    """The first earlier strategy whose curves are within SAME_TOL of s's at every eval step
+    of every checkpoint (it would hide s's curve), or None."""
+    for t in strategies[:strategies.index(s)]:
+        pairs = [(ys, means[(step, t)][1]) for (step, u), (_, ys) in means.items() if u == s and (step, t) in means]
+        if pairs and all(abs(a - b) <= SAME_TOL for ys, zs in pairs for a, b in zip(ys, zs)):
+            return t
+    return None
+
+
 def _plots(out: Path, p, rows) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
     files = []
-    colors = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(p.strategies)}
+    # a distinct (color, line style, marker) per strategy; markers on every 4th eval step,
+    # staggered, so up to four coinciding curves all stay visible
+    styles = {s: dict(color=plt.get_cmap("tab10")(i % 10), ls=("-", "--", "-.", ":")[i % 4],
+                      marker="osD^vPX*"[i % 8], markevery=(i % 4, 4), ms=4, lw=1.2)
+              for i, s in enumerate(p.strategies)}
+    colors = {s: st["color"] for s, st in styles.items()}
     for regime in p.regimes:
-        fig, axes = plt.subplots(1, len(p.checkpoints), figsize=(5.5 * len(p.checkpoints), 4), squeeze=False)
-        for ax, step in zip(axes[0], p.checkpoints):
-            for s in p.strategies:
-                curves = [r["curve"] for r in rows if r["regime"] == regime and r["strategy"] == s
-                          and r["checkpoint"] == step]
-                if not curves:
-                    continue
-                xs = [c[0] for c in curves[0]]
-                ys = [mean(c[i][1] for c in curves) for i in range(len(xs))]
-                ax.plot(xs, ys, marker=".", label=s, color=colors[s])
+        means = _mean_curves(rows, regime, p.checkpoints, p.strategies)
+        labels = {s: s if (t := _same_as(means, p.strategies, s)) is None else f"{s} (= {t} within {SAME_TOL:.0e} nats)"
+                  for s in p.strategies}
+        fig, axes = plt.subplots(2, len(p.checkpoints), figsize=(5.5 * len(p.checkpoints), 7.5), sharex="col",
+                                 squeeze=False)
+        handles = {}
+        for ax, gap, step in zip(axes[0], axes[1], p.checkpoints):
+            here = [s for s in p.strategies if (step, s) in means]
+            if not here:
+                continue
+            best = [min(ys) for ys in zip(*(means[(step, s)][1] for s in here))]
+            for s in here:
+                xs, ys = means[(step, s)]
+                handles[labels[s]], = ax.plot(xs, ys, **styles[s])
+                gap.plot(xs, [y - b for y, b in zip(ys, best)], **styles[s])
             small = [r["loss_small"] for r in rows if r["checkpoint"] == step]
             if small:
-                ax.axhline(small[0], color="gray", ls="--", lw=0.8, label="base (small) model")
-            ax.axvline(p.probe_lag, color="gray", ls=":", lw=0.8)
+                handles["base (small) model"] = ax.axhline(small[0], color="gray", ls="--", lw=0.8)
+            for a in (ax, gap):
+                a.axvline(p.probe_lag, color="gray", ls=":", lw=0.8)
             ax.set_title(f"{regime}, grown at step {step}")
-            ax.set_xlabel("steps after growth")
             ax.set_ylabel("val loss (nats/token)")
-            # the scratch curve starts far above: keep the warm starts readable
-            warm = [y for r in rows if r["regime"] == regime and r["checkpoint"] == step
-                    and r["strategy"] != "scratch" for _, y in r["curve"]]
+            # the scratch curve starts far above: zoom on the warm starts, the gap panel shows all
+            warm = [y for (c, s), (_, ys) in means.items() if c == step and s != "scratch" for y in ys]
             if warm:
                 lo, hi = min(warm), max(warm)
                 ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3))
-        axes[0][-1].legend(fontsize=8)
+            lo, hi = ax.get_ylim()
+            off = [s for s in here if not any(lo <= y <= hi for y in means[(step, s)][1])]
+            if off:
+                ax.text(0.98, 0.97, f"off scale: {', '.join(off)} (see gap below)", transform=ax.transAxes,
+                        ha="right", va="top", fontsize=8)
+            gap.set_yscale("symlog", linthresh=1e-3)
+            gap.set_ylim(bottom=-3e-4)  # gaps are >= 0; keep the best candidate's zero line off the edge
+            gap.set_xlabel("steps after growth")
+            gap.set_ylabel("gap to the best candidate at that step\n(nats, symlog)")
         fig.suptitle(f"warmstart ({p.name}): val loss after growth, mean over seeds")
+        fig.tight_layout()
+        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         files.append(save_figure(plt, fig, out / f"curves_{regime}.png"))
 
     fig, axes = plt.subplots(len(p.regimes), len(SELECTORS), figsize=(3.3 * len(SELECTORS), 3.2 * len(p.regimes)),
