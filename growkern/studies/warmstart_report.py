@@ -267,7 +267,10 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         L += [f"### {regime} regime", "", md_table(["strategy"] + [f"ckpt {c}" for c in p.checkpoints], table), ""]
 
     L += plots_section(plots, "`curves_<regime>.png`: val loss after growth per strategy (mean over seeds; the dotted "
-              "line marks the probe lag, the dashed one the base model). `selectors.png`: each selector "
+              "line marks the probe lag, the dashed one the base model; candidates off the zoomed scale "
+              "are named in the panel), and below it each candidate's gap to the best one at that step "
+              "(symlog); the legend names curves that coincide with another within 1e-4 nats. "
+              "`selectors.png`: each selector "
               "against the final loss, per regime.")
     L += ["", f"Rows: `results.csv` ({len(rows)} rows: candidate x regime x checkpoint x seed); each run's "
           f"curve and config: `runs/<key>.json`."]
