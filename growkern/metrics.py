@@ -1,5 +1,6 @@
-"""Metrics of the studies (defined in docs/studies.md): preservation, short-lag probes,
-continuation utility, rank correlation and growth speedup."""
+"""Metrics of the studies (defined in docs/studies.md): preservation, short-lag probes
+(update size and escape from the clone subspace), continuation utility, rank correlation
+and growth speedup."""
 from __future__ import annotations
 
 import math
@@ -20,8 +21,33 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
 
 @torch.no_grad()
 def update_rms(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-    """RMS of the parameter update relative to the weights: ||theta_t - theta_0|| / ||theta_0||
-    over all parameters together."""
+    """RMS of the parameter update, in weight units: sqrt(mean over all entries of all
+    parameters of (theta_t - theta_0)^2). 0 for no parameters."""
+    num = sum(float((after[k].double() - before[k].double()).pow(2).sum()) for k in before)
+    count = sum(before[k].numel() for k in before)
+    return math.sqrt(num / count) if count else 0.0
+
+
+@torch.no_grad()
+def relative_update_rms(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """Per-tensor relative update size, averaged over tensors: mean over parameters W of
+    RMS(W_t - W_0) / RMS(W_0) (= ||dW|| / ||W_0||, the entry counts cancel). Every tensor
+    counts once whatever its size, so an embedding cannot drown the blocks; tensors with
+    W_0 == 0 (relative size undefined) are left out; 0 when none is left."""
+    ratios = []
+    for k in before:
+        w0 = before[k].double()
+        den = float(w0.pow(2).sum())
+        if den:
+            ratios.append(math.sqrt(float((after[k].double() - w0).pow(2).sum()) / den))
+    return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+@torch.no_grad()
+def relative_update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """Global relative update norm ||theta_t - theta_0|| / ||theta_0|| over all parameters
+    together (what `update_rms` returned before it became a true RMS; the warmstart
+    study's `probe_rms` column was defined as this). 0 when theta_0 == 0."""
     num = sum(float((after[k].double() - before[k].double()).pow(2).sum()) for k in before)
     den = sum(float(before[k].double().pow(2).sum()) for k in before)
     return math.sqrt(num / den) if den else 0.0
@@ -41,6 +67,27 @@ def _project_axis(w: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _tensor_plan(plan: GrowthPlan, name: str):
+    try:
+        return plan.tensors[name]
+    except KeyError:
+        raise ValueError(f"parameter {name!r} is not in the growth plan (a plan of the model it was "
+                         f"grown with is needed)") from None
+
+
+def _clone_split(w: torch.Tensor, tp) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, P(w)) in float64 and the plan's (out, in) orientation (a transposed parameter,
+    stored (in, out) like GPT-2's Conv1D, is read through its transpose): P averages over
+    the copies of each source along rows, then columns, fresh indices -> 0."""
+    w = w.detach().double()
+    if tp.transposed and w.dim() == 2:
+        w = w.t()
+    proj = _project_axis(w, tp.rows.src, 0)
+    if tp.cols is not None:
+        proj = _project_axis(proj, tp.cols.src, 1)
+    return w, proj
+
+
 @torch.no_grad()
 def escape_fraction(named_params: dict[str, torch.Tensor], plan: GrowthPlan) -> float:
     """Fraction of weight energy outside the cloned subspace of `plan`: the subspace where
@@ -48,13 +95,30 @@ def escape_fraction(named_params: dict[str, torch.Tensor], plan: GrowthPlan) -> 
     units are zero. Projection = average over copies along each grown axis."""
     outside = total = 0.0
     for name, w in named_params.items():
-        tp = plan.tensors[name]
-        w = w.detach().double()
-        proj = _project_axis(w, tp.rows.src, 0)
-        if tp.cols is not None:
-            proj = _project_axis(proj, tp.cols.src, 1)
+        w, proj = _clone_split(w, _tensor_plan(plan, name))
         outside += float((w - proj).pow(2).sum())
         total += float(w.pow(2).sum())
+    return outside / total if total else 0.0
+
+
+@torch.no_grad()
+def update_escape(theta0: dict[str, torch.Tensor], theta_t: dict[str, torch.Tensor],
+                  plan: GrowthPlan) -> float:
+    """Fraction of the update's energy outside the cloned subspace of `plan`:
+    sum ||dW - P(dW)||^2 / sum ||dW||^2 with dW = theta_t - theta_0 (the grown model's
+    parameters at step t and at step 0, same names and shapes), over all parameters of
+    theta0 together, with escape_fraction's projection P. Unlike escape_fraction of the
+    weights, it does not count what growth itself put outside the subspace (noise,
+    fresh units), only where training moved the weights. 0 when the update is zero."""
+    outside = total = 0.0
+    for name, w0 in theta0.items():
+        tp = _tensor_plan(plan, name)
+        if tuple(theta_t[name].shape) != tuple(w0.shape):
+            raise ValueError(f"{name}: shapes differ ({tuple(w0.shape)} at step 0, "
+                             f"{tuple(theta_t[name].shape)} at step t)")
+        d, proj = _clone_split(theta_t[name].detach().double() - w0.detach().double(), tp)
+        outside += float((d - proj).pow(2).sum())
+        total += float(d.pow(2).sum())
     return outside / total if total else 0.0
 
 
