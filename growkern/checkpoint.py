@@ -13,7 +13,9 @@ A checkpoint is a directory:
 
 Saving writes a hidden temporary directory beside the target and swaps it in with
 one rename, so a crash at any point leaves either the old checkpoint or the new one,
-never a mix. Loading checks everything it can and names what is wrong.
+never a mix; the hidden directory a killed save leaves behind is removed by the next
+save or load of that checkpoint. Loading checks everything it can and names what is
+wrong.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -130,14 +133,75 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _pid_alive(pid: int) -> bool:
+    """False only when no process `pid` exists; True when it does or we cannot tell."""
+    if pid <= 0:
+        return True  # 0 and negatives name process groups: never treat as gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else
+        return True
+    return True
+
+
+def staging_name(path: Path, kind: str = "tmp") -> Path:
+    """`.{name}.{kind}-{pid}-{uuid8}` beside `path`: where a write of `path` is staged
+    (kind "tmp") or where its previous version waits to be removed (kind "old")."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_staging(path) -> list[Path]:
+    """Remove what interrupted writes of `path` left beside it: the staging folders or
+    files `.{name}.tmp-{pid}-{uuid8}` and `.{name}.old-{pid}-{uuid8}` of writer processes
+    that no longer exist (a killed save leaves up to a whole checkpoint there). Those of
+    a live process (a concurrent writer) are left alone. When `path` itself is missing
+    because a save was killed between the two renames of the fallback swap, the
+    previous version (`.old-`) is put back first. Best effort: what cannot be removed
+    stays. Returns the paths removed."""
+    path = Path(path)
+    if not path.name:
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    stale, olds = [], []
+    try:
+        for e in os.scandir(path.parent):
+            m = pattern.fullmatch(e.name)
+            if m and not _pid_alive(int(m.group(2))):
+                stale.append(Path(e.path))
+                if m.group(1) == "old" and e.is_dir(follow_symlinks=False):
+                    olds.append((e.stat(follow_symlinks=False).st_mtime, Path(e.path)))
+    except OSError:
+        return []
+    if olds and not os.path.lexists(path):
+        newest = max(olds)[1]
+        stale.remove(newest)  # the only copy left: put back, or else kept
+        with contextlib.suppress(OSError):
+            os.rename(newest, path)
+    removed = []
+    for p in stale:
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:  # gone already (another cleaner), or not ours to remove
+            pass
+    return removed
+
+
 @contextlib.contextmanager
 def staged_directory(path: Path):
     """A hidden temporary directory beside `path`, to write into. When the block
     succeeds, its files are synced and it replaces `path` (or becomes it) with one
     atomic exchange, so a crash at any point leaves the old directory or the new one,
-    never a mix; on failure it is removed and `path` is untouched."""
+    never a mix; on failure it is removed and `path` is untouched. What killed writes of
+    `path` left beside it is removed first (remove_stale_staging)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(path)
+    tmp = staging_name(path)
     tmp.mkdir()
     try:
         yield tmp
@@ -146,7 +210,7 @@ def staged_directory(path: Path):
         _fsync(tmp)
         if path.exists():
             if not _exchange(tmp, path):  # now tmp holds the old directory
-                old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                old = staging_name(path, "old")
                 os.rename(path, old)
                 os.rename(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
@@ -211,8 +275,11 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
 
 def resolve(path) -> Path:
     """The checkpoint directory for `path`: the checkpoint itself or a run directory
-    holding one in ckpt/."""
+    holding one in ckpt/. Leftovers of killed saves of either are removed on the way
+    (remove_stale_staging)."""
     path = Path(path)
+    for cand in (path, path / "ckpt"):
+        remove_stale_staging(cand)
     for cand in (path, path / "ckpt"):
         if (cand / META).is_file():
             return cand
@@ -392,7 +459,9 @@ def _load_scheduler(path: Path, sched_state: dict, scheduler, tcfg: TrainConfig,
     if got != vars(want):
         raise _err(path, f"config mismatch: the scheduler state was made for LRSchedule({got}), "
                          f"train_config gives {want}")
-    if sched_state.get("last_epoch") != step:
+    # widen_(schedule="restart") puts the scheduler back to 0 and keeps the steps before
+    restarted = (sched_state.get("_growkern_restart") or {}).get("steps_before", 0)
+    if not isinstance(sched_state.get("last_epoch"), int) or sched_state["last_epoch"] + restarted != step:
         raise _err(path, f"config mismatch: the scheduler has taken {sched_state.get('last_epoch')} "
                          f"steps, the checkpoint is at step {step}")
     scheduler.load_state_dict(sched_state)

@@ -68,8 +68,9 @@ class TrainConfig:
     dtype: str = "auto"          # autocast dtype; auto: bfloat16 on CUDA, float32 on CPU
     fused: bool | None = None    # fused AdamW; None: on CUDA and CPU (one kernel, not a loop)
     peak_flops: float | None = None  # for MFU; None: looked up from the GPU's name
-    log_path: str | None = None  # JSONL metrics, one record per step (appended)
-    progress: bool = True        # tqdm bar, shown only when stderr is a terminal
+    log_path: str | None = None  # JSONL metrics, one record per step (appended; records past
+                                 # start_step, logged by a run killed after its checkpoint, dropped)
+    progress: bool = True        # tqdm bar when stderr is a terminal, else a line every PROGRESS_EVERY_S
     log_every: int = 0           # print a line every N steps when no bar is shown; 0: never
 
     def __post_init__(self):
@@ -196,7 +197,8 @@ def make_batches(tokens, cfg: TrainConfig):
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Two AdamW groups: decayed matrices, and undecayed 1-D gains/biases (and
     embeddings when decay_embeddings is off). Each group keeps the parameter names,
-    which the checkpoint uses to check that the state belongs to the model."""
+    which the checkpoint uses to check that the state belongs to the model. Under muP
+    the decayed matrices split by LR multiplier (_mup_groups)."""
     gpt = unwrap(model)
     embeddings = {id(gpt.wte.weight)} | ({id(gpt.wpe.weight)} if gpt.wpe is not None else set())
     decay, no_decay = [], []
@@ -207,10 +209,32 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             decay.append((name, p))
         else:
             no_decay.append((name, p))
+    if getattr(gpt.config, "parameterization", "sp") == "mup":
+        return _mup_groups(gpt, cfg, decay, no_decay)
     return [{"params": [p for _, p in decay], "param_names": [n for n, _ in decay],
              "weight_decay": cfg.weight_decay},
             {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay],
              "weight_decay": 0.0}]
+
+
+def _mup_groups(gpt, cfg: TrainConfig, decay: list, no_decay: list) -> list[dict]:
+    """muP (growkern/mup.py): the decayed matrices split by LR multiplier, hidden matrices
+    (lr / m) first, then the decayed embeddings / LM head (lr); the undecayed group as
+    under SP. Each group holds its LR ("lr") and its multiplier ("mup_lr_mult"), which
+    widen_ updates when the width changes; empty groups are left out."""
+    from . import mup
+    mult = {n: mup.lr_multiplier(n, gpt.config) for n, _ in decay + no_decay}
+    hidden = [(n, p) for n, p in decay if mup.gpt_param_kind(n) == "hidden"]
+    rest = [(n, p) for n, p in decay if mup.gpt_param_kind(n) != "hidden"]
+    groups = []
+    for members, wd in ((hidden, cfg.weight_decay), (rest, cfg.weight_decay), (no_decay, 0.0)):
+        if not members:
+            continue
+        m = mult[members[0][0]]
+        assert all(mult[n] == m for n, _ in members), "one LR multiplier per group"
+        groups.append({"params": [p for _, p in members], "param_names": [n for n, _ in members],
+                       "weight_decay": wd, "lr": cfg.lr * m, "mup_lr_mult": m})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -324,6 +348,40 @@ def peak_flops(device: torch.device, dtype) -> float | None:
 
 # --- the loop -------------------------------------------------------------------
 
+def drop_records_after(path, step: int) -> None:
+    """Make the JSONL log at `path` hold only the complete records of steps <= `step`.
+    A run killed after its last checkpoint logged steps that resuming from that
+    checkpoint logs again, and a kill mid-write leaves a torn last line; both go, so an
+    interrupted and resumed run logs what an uninterrupted one does. The log is
+    rewritten atomically (temp file + os.replace), and only when something goes."""
+    from .checkpoint import remove_stale_staging, staging_name
+    path = Path(path)
+    remove_stale_staging(path)  # the temp file of a rewrite that was killed
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # torn by a kill mid-write
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    if keep == lines:
+        return
+    tmp = staging_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class _JsonlLog:
     def __init__(self, path):
         self.f = None
@@ -349,6 +407,35 @@ def _progress_bar(cfg: TrainConfig, start: int, end: int):
     return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, leave=True)
 
 
+# Off a terminal (a pipe, a log file, CI, a notebook) there is no bar: with progress on
+# and no log_every lines, a plain line goes to stderr at most this often, and at the end.
+PROGRESS_EVERY_S = 20.0
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _ProgressLines:
+    """The bar's stand-in off a terminal: format_record lines with elapsed time and ETA."""
+
+    def __init__(self, start: int, end: int, every: float):
+        self.start, self.end, self.every = start, end, every
+        self.t0 = self.last = time.perf_counter()
+        self.shown = None
+
+    def update(self, rec: dict, final: bool = False) -> None:
+        now = time.perf_counter()
+        if (now - self.last < self.every and not final) or rec["step"] == self.shown:
+            return
+        self.last, self.shown = now, rec["step"]
+        elapsed, done = now - self.t0, rec["step"] - self.start
+        eta = elapsed / done * (self.end - rec["step"]) if done > 0 else 0.0
+        print(f"{format_record(rec, self.end)} | {_duration(elapsed)} elapsed, ETA {_duration(eta)}",
+              file=sys.stderr, flush=True)
+
+
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterator,
           cfg: TrainConfig, *, start_step: int = 0, end_step: int | None = None,
           eval_data: list | None = None, on_step: Callable[[dict], bool | None] | None = None
@@ -359,6 +446,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     step (updates done after it), loss, lr, grad_norm, dt_ms, tok_s, mfu (CUDA),
     and val_loss where evaluated (every cfg.eval_every steps and at the end, when
     eval_data is given). `on_step(record)` runs after each step; returning True stops.
+    The records go to cfg.log_path too, after dropping those of steps past start_step
+    that a run killed after its last checkpoint left there (drop_records_after).
     """
     end = cfg.steps if end_step is None else end_step
     device = next(model.parameters()).device
@@ -372,8 +461,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     params = [p for g in optimizer.param_groups for p in g["params"]]
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     peak = cfg.peak_flops or peak_flops(device, dtype)
+    if cfg.log_path:
+        drop_records_after(cfg.log_path, start_step)  # steps a killed run logged past its checkpoint
     log = _JsonlLog(cfg.log_path)
     bar = _progress_bar(cfg, start_step, end)
+    lines = (_ProgressLines(start_step, end, PROGRESS_EVERY_S)
+             if bar is None and cfg.progress and not cfg.log_every else None)
+    rec = None
     history = []
     model.train()
     try:
@@ -418,10 +512,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                                     | {"tok/s": f"{rec['tok_s']:.0f}"})
                 elif cfg.log_every and ((step + 1) % cfg.log_every == 0 or last or "val_loss" in rec):
                     print(format_record(rec, end), flush=True)
+                elif lines is not None and not last:
+                    lines.update(rec)
                 if on_step is not None and on_step(rec):
                     break
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"loss is {train_loss} at step {step + 1}")
+        if lines is not None and rec is not None:
+            lines.update(rec, final=True)
     finally:
         if bar is not None:
             bar.close()

@@ -11,7 +11,7 @@ import growkern
 from growkern import checkpoint as C
 from growkern.train import build_optimizer, build_scheduler, init_model, make_batches, train
 
-from test_train import cfg, synthetic_tokens, tiny
+from test_train import cfg, dead_pid, synthetic_tokens, tiny
 
 TOKENS = synthetic_tokens()
 
@@ -126,6 +126,36 @@ def test_crash_mid_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, swap):
     monkeypatch.setattr(C, "_write_torch", real)
     C.save(tmp_path / "ck", model, opt, sched, step=5, train_config=tcfg, batches=batches)
     assert C.load(tmp_path / "ck").step == 5 and leftovers(tmp_path) == []
+
+
+def test_save_and_load_remove_what_killed_saves_left(tmp_path):
+    model, opt, sched, batches = save_at(tmp_path / "ck", cfg(), 2)
+    dead = dead_pid()
+
+    def staged(name, kind, pid, tag="0123abcd"):  # a save of `name` by process `pid`
+        d = tmp_path / f".{name}.{kind}-{pid}-{tag}"
+        d.mkdir()
+        (d / "optimizer.pt").write_bytes(b"\0" * 1000)
+        return d.name
+
+    keep = sorted([staged("ck", "tmp", os.getpid(), "feedbeef"),  # a live, concurrent writer
+                   staged("ck2", "tmp", dead),                     # another target's
+                   staged("ck", "tmp", dead, "not-ours")])          # not a staging name
+    killed = [staged("ck", "tmp", dead), staged("ck", "old", dead, "89abcdef")]
+    C.save(tmp_path / "ck", model, opt, sched, step=2, train_config=cfg(), batches=batches)
+    assert leftovers(tmp_path) == keep and not any((tmp_path / k).exists() for k in killed)
+
+    staged("ck", "tmp", dead)  # a load (e.g. to resume) cleans up too
+    assert C.load(tmp_path / "ck").step == 2 and leftovers(tmp_path) == keep
+    staged("ckpt", "tmp", dead)  # in a run directory too
+    os.rename(tmp_path / "ck", tmp_path / "ckpt")
+    assert C.load(tmp_path).step == 2 and leftovers(tmp_path) == keep
+
+    # killed between the two renames of the fallback swap: the target is gone, the old
+    # version waits as .old-, the new one as .tmp-; the old one comes back
+    os.rename(tmp_path / "ckpt", tmp_path / f".ckpt.old-{dead}-00000000")
+    staged("ckpt", "tmp", dead)
+    assert C.load(tmp_path / "ckpt").step == 2 and leftovers(tmp_path) == keep
 
 
 def test_save_needs_growkern_optimizer_and_scheduler(tmp_path):

@@ -1,6 +1,8 @@
 """Training loop: schedules, optimizer groups, regimes, metrics, learning on real text."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,9 @@ import pytest
 import torch
 
 from growkern import GPTConfig
+from growkern import checkpoint as C
 from growkern import data as D
+from growkern import train as train_mod
 from growkern.train import (LRSchedule, TrainConfig, build_optimizer, build_scheduler, determinism,
                             evaluate, flops_per_token, init_model, make_batches, train)
 
@@ -30,6 +34,22 @@ def tiny(vocab=61, **kw):
 def cfg(**kw):
     return TrainConfig(**{**dict(steps=10, batch_size=4, block_size=16, lr=1e-2, min_lr=1e-3, warmup=2,
                                  eval_every=0, progress=False), **kw})
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    r = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                       text=True, timeout=120, check=True)
+    return int(r.stdout)
+
+
+TIMING = ("dt_ms", "tok_s", "mfu")
+
+
+def log_records(path):
+    """The records of a JSONL metrics log, without the timing fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in Path(path).read_text().splitlines()]
 
 
 def run(tcfg, tokens, gcfg=None, **train_kw):
@@ -156,6 +176,68 @@ def test_metrics_log_stop_and_eval(tmp_path):
     # a truthy on_step stops the run
     _, hist, _ = run(cfg(), tokens, on_step=lambda r: r["step"] == 2)
     assert len(hist) == 2
+
+
+def test_resume_drops_steps_logged_past_the_checkpoint(tmp_path):
+    # killed after step 7 (mid-write of step 8) with its last checkpoint at step 5: the
+    # resumed run must not log steps 6 and 7 twice, nor keep the torn line
+    tokens = synthetic_tokens()
+    run(cfg(steps=9, log_path=str(tmp_path / "full.jsonl")), tokens)
+    log = tmp_path / "cut.jsonl"
+    tcfg = cfg(steps=9, log_path=str(log))
+    model = init_model(tiny(), tcfg.seed)
+    opt = build_optimizer(model, tcfg)
+    sched = build_scheduler(opt, tcfg)
+    batches = make_batches(tokens, tcfg)
+    train(model, opt, sched, batches, tcfg, end_step=5)
+    C.save(tmp_path / "ck", model, opt, sched, step=5, train_config=tcfg, batches=batches)
+    train(model, opt, sched, batches, tcfg, start_step=5, end_step=7)
+    with open(log, "a") as f:
+        f.write('{"step": 8, "loss": 3.1')  # torn: no end, no newline
+    stale = tmp_path / f".cut.jsonl.tmp-{dead_pid()}-0123abcd"  # a rewrite that was killed
+    stale.write_text("{}\n")
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()[:-1]] == [1, 2, 3, 4, 5, 6, 7]
+
+    ck = C.load(tmp_path / "ck")
+    ck.restore_rng()
+    train(ck.model, ck.optimizer, ck.scheduler, ck.batches(tokens), tcfg, start_step=ck.step)
+    assert [r["step"] for r in log_records(log)] == list(range(1, 10))
+    assert log_records(log) == log_records(tmp_path / "full.jsonl")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "cut.jsonl", "full.jsonl"]
+
+    # nothing to drop: the log is left as it is (not rewritten)
+    before = log.stat()
+    train_mod.drop_records_after(log, 9)
+    assert (log.stat().st_ino, log.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_progress_lines_off_a_terminal(monkeypatch, capsys):
+    tokens = synthetic_tokens()
+    ev = D.eval_batches(tokens, 16, 4, max_batches=1)
+    # capsys's stderr is not a terminal: no tqdm bar, plain lines instead
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 0.0, raising=False)  # a line after every step
+    run(cfg(steps=4, progress=True), tokens, eval_data=ev)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and len(lines) == 4, err
+    for k, line in enumerate(lines, 1):
+        assert line.startswith(f"step {k}/4 | loss ") and " | lr " in line and " tok/s" in line, line
+        assert " elapsed, ETA " in line, line
+    assert " | val " in lines[-1] and " | val " not in lines[0]
+    assert lines[-1].endswith("ETA 0:00")
+
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 1e9)  # rate-limited: only the end
+    run(cfg(steps=4, progress=True), tokens, on_step=lambda r: r["step"] == 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step 3/4 | loss ")
+
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 0.0)
+    run(cfg(steps=4, progress=True, log_every=2), tokens)  # log_every prints already: no doubles
+    out, err = capsys.readouterr()
+    assert err == "" and [line.split(" |")[0] for line in out.splitlines()] == ["step 2/4", "step 4/4"]
+    run(cfg(steps=4, progress=False), tokens)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_block_size_must_fit_the_model():
