@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import mup
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
@@ -38,12 +40,18 @@ class GPTConfig:
     # which keeps the norms exact; so eps is part of the config.
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    # "sp": GPT-2 init, one LR; "mup": muP relative to d_model == mup_base_width (None:
+    # the d_model it is created with). growkern/mup.py, docs/growth.md section 9.
+    parameterization: str = "sp"
+    mup_base_width: int | None = None
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+        if self.parameterization == "mup" and self.mup_base_width is None:
+            self.mup_base_width = self.d_model
         self.validate()
 
     @property
@@ -69,9 +77,18 @@ class GPTConfig:
              f"rope needs an even head_dim, got {self.head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(self.parameterization in mup.PARAMETERIZATIONS,
+             f"parameterization must be one of {mup.PARAMETERIZATIONS}, got {self.parameterization!r}")
+        v = self.mup_base_width
+        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+             f"mup_base_width must be a positive int or None, got {v!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.parameterization == "sp" and self.mup_base_width is None:
+            # an SP config's dict (checkpoints, study cache keys) is what it was before muP
+            del d["parameterization"], d["mup_base_width"]
+        return d
 
     def replace(self, **changes) -> "GPTConfig":
         return replace(self, **changes)
@@ -79,12 +96,14 @@ class GPTConfig:
 
 def init_std(name: str, config: GPTConfig) -> float:
     """GPT-2 init of a parameter: N(0, 0.02), residual output projections scaled by
-    1/sqrt(2 n_layer); biases 0 and norm gains 1 (std 0)."""
+    1/sqrt(2 n_layer); biases 0 and norm gains 1 (std 0). Under muP, hidden matrices
+    take 1/sqrt(d_model / mup_base_width) on top (growkern.mup.init_multiplier)."""
     if name.endswith("bias") or is_norm_gain(name):
         return 0.0
-    if name.endswith(("o_proj.weight", "mlp.down.weight")):
-        return 0.02 / math.sqrt(2 * config.n_layer)
-    return 0.02
+    std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(("o_proj.weight", "mlp.down.weight")) else 0.02
+    if config.parameterization == "mup":
+        std *= mup.init_multiplier(name, config)
+    return std
 
 
 def is_norm_gain(name: str) -> bool:
@@ -253,6 +272,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope)
         logits = self.lm_head(self.ln_f(x))
+        if self.config.parameterization == "mup":
+            logits = logits * mup.output_multiplier(self.config)  # 1/m; exactly 1.0 at the base width
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

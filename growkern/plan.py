@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import mup
 from .adapter import EMBEDDING, Adapter, Param, Shape, adapter_for, adapter_named
 from .model import GPTConfig
 
@@ -156,6 +157,7 @@ class TensorPlan:
     init_std: float  # the wide model's init std for this parameter
     kind: str = "matrix"  # "matrix", "bias", "gain", "norm_bias" (growkern.adapter.Param)
     transposed: bool = False
+    final_norm: bool = False  # the norm whose output only the LM head reads (Param.final_norm)
     # norms computing x_hat * (gain_offset + w): scales and fresh_value act on the
     # effective gain gain_offset + w (widen_ converts)
     gain_offset: float = 0.0
@@ -205,6 +207,9 @@ class GrowthPlan:
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     exact: bool = True  # whether the plan is function preserving at step 0
     not_exact_because: str = ""
+    # muP models (growkern/mup.py): the width multiplier m = d_model / mup_base_width
+    # before and after; None for SP models
+    width_mult: tuple[float, float] | None = None
 
     def summary(self) -> str:
         o, n = self.old, self.new
@@ -332,11 +337,15 @@ def plan_growth(model, *, factor: float | None = None, d_model: int | None = Non
     }
     dims["head"] = query_heads(dims["kv_head"], group)
     plan = GrowthPlan(old, new, strat, seed, dims, adapter=adapter.name)
+    config = getattr(model, "config", None)
+    if mup.is_mup(config):
+        plan.width_mult = (mup.width_mult(config), mup.width_mult(adapter.new_config(config, plan.new)))
     plan.new = strat.adjust_config(plan)
     plan.exact, plan.not_exact_because = strat.preservation(plan)
-    config = getattr(model, "config", None)
+    # init stds are the wide model's (muP's depend on the width)
+    new_config = adapter.new_config(config, plan.new) if config is not None else None
     for name, spec in layout.items():
-        tp = _tensor_plan(plan, name, spec, adapter.init_std_of(config, name, spec), adapter.gain_offset)
+        tp = _tensor_plan(plan, name, spec, adapter.init_std_of(new_config, name, spec), adapter.gain_offset)
         plan.tensors[name] = strat.tensor_plan(plan, tp)
     return plan
 
@@ -393,7 +402,7 @@ def _tensor_plan(plan: GrowthPlan, name: str, spec: Param, init_std: float, gain
     cols = None if spec.cols is None else _axis(plan, spec.cols)
     old_shape = (rows.old,) if cols is None else (rows.old, cols.old)
     tp = TensorPlan(name, old_shape, rows, cols, init_std, kind=spec.kind, transposed=spec.transposed,
-                    gain_offset=gain_offset if spec.kind == "gain" else 0.0)
+                    final_norm=spec.final_norm, gain_offset=gain_offset if spec.kind == "gain" else 0.0)
     if spec.kind == "gain" and rows.role == "norm":
         tp.fresh_value = residual_norm_scale(plan)
     elif spec.kind == "gain":
@@ -408,4 +417,13 @@ def _tensor_plan(plan: GrowthPlan, name: str, spec: Param, init_std: float, gain
         # (no split) and is read by the head (needs the split, and undoes the ratio above).
         # Both move into the final norm, whose output only the head reads.
         rows.scale = rows.scale * plan.dims["d_model"].split / ratio
+    if plan.width_mult is not None:
+        # muP: the logits are multiplied by 1/m, which growth changes to 1/m'. What feeds
+        # them takes m'/m so the logits stay the same: the untied head's fan-in, or with
+        # tied embeddings the final norm (as for the embedding multiplier above).
+        out = plan.width_mult[1] / plan.width_mult[0]
+        if mup.param_kind(spec) == "output":
+            cols.scale = cols.scale * out
+        elif spec.final_norm and plan.old.tie_embeddings:
+            rows.scale = rows.scale * out
     return tp

@@ -6,6 +6,8 @@ A strategy answers four questions for a plan (growkern/plan.py):
 - moments: how optimizer moments are carried ("exact": the moment rule,
   "asym": the rule for original units and zero for their copies, "keep": moments
   of kept entries unchanged, "zero": all zero), and whether the step count resets;
+- default_schedule: the widen_ schedule used when none is given ("continue", or
+  "restart" for a strategy that starts a new training run);
 - preservation: whether the plan is function preserving at step 0, and if not why.
 
 Register your own with `growkern.register_strategy(MyStrategy)`.
@@ -17,6 +19,7 @@ import math
 
 import torch
 
+from . import mup
 from .plan import DimMap, GrowthPlan, TensorPlan, copy_index
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -80,6 +83,7 @@ class Strategy:
     moments = "exact"
     reset_step = False
     rescale_norms = True  # rescale norm gains and eps for zero-padded residual units
+    default_schedule = "continue"  # widen_'s schedule when none is given
 
     def __init__(self):
         pass
@@ -220,23 +224,38 @@ class Structured(Strategy):
 
 @register_strategy
 class ShrinkZeroPadPerturb(Strategy):
-    """Shrink, zero-pad, perturb: old entries times `shrink`, new entries zero, then
-    N(0, init_std^2) noise on every matrix entry at the wide model's own init scale.
-    Norm gains are kept (new ones 1). Not function preserving. Moments of old entries
-    kept, new ones zero."""
+    """Shrink, zero-pad, perturb, and start a new training run (the default,
+    shrink="mup"): kept entries times the muP factor of their tensor (growkern.mup.
+    szp_shrink: d_old/d_new for hidden matrices and the readout, 1 for embeddings,
+    biases and gains), new entries zero plus N(0, std^2) with the muP init std at the
+    new width (growkern.mup.szp_init_std); optimizer moments zero, AdamW's step 0, and
+    widen_'s schedule "restart" unless another is given. An SP model takes the muP
+    factors with base width = its old d_model.
+
+    shrink=<number> is the earlier operator: every non-gain entry times `shrink`, then
+    N(0, init_std^2) noise on every matrix entry at the wide model's init std; with
+    carry_state=True the moments of kept entries and the step are carried and the
+    schedule continues (szp(shrink=0.5, carry_state=True) is szp before muP).
+    Norm gains are kept (new ones 1). Not function preserving."""
     name = "szp"
     preserving = False
-    moments = "keep"
     rescale_norms = False
 
-    def __init__(self, shrink: float = 0.5):
+    def __init__(self, shrink="mup", carry_state: bool = False):
         super().__init__()
-        if not (isinstance(shrink, (int, float)) and 0 <= shrink <= 1):
-            raise ValueError(f"szp: shrink must be a number in [0, 1], got {shrink!r}")
-        self.shrink = float(shrink)
+        if not (shrink == "mup" or (isinstance(shrink, (int, float)) and not isinstance(shrink, bool)
+                                    and 0 <= shrink <= 1)):
+            raise ValueError(f"szp: shrink must be 'mup' or a number in [0, 1], got {shrink!r}")
+        if not isinstance(carry_state, bool):
+            raise ValueError(f"szp: carry_state must be True or False, got {carry_state!r}")
+        self.shrink = shrink if shrink == "mup" else float(shrink)
+        self.carry_state = carry_state
+        self.moments = "keep" if carry_state else "zero"
+        self.reset_step = not carry_state
+        self.default_schedule = "continue" if carry_state else "restart"
 
     def options(self):
-        return {"shrink": self.shrink}
+        return {"shrink": self.shrink, "carry_state": self.carry_state}
 
     def dim_map(self, dim, old, new, generator):
         return DimMap.build(dim, old, new, copies=False, remainder="fresh")
@@ -245,6 +264,31 @@ class ShrinkZeroPadPerturb(Strategy):
         return False, "szp shrinks and perturbs the weights"
 
     def tensor_plan(self, plan, tp):
+        if self.shrink != "mup":
+            return self._fixed_shrink(tp)
+        d_old, d_new = plan.old.d_model, plan.new.d_model
+        multiplier_form = plan.width_mult is not None  # a muP model: logits times 1/m
+        if tp.kind in ("gain", "norm_bias"):
+            f = 1.0
+            if tp.final_norm and plan.old.tie_embeddings:
+                # the tied head reads only the final norm: the readout's factor goes there,
+                # with the embedding multiplier's compensation (Gemma; docs/growth.md)
+                f = (mup.szp_shrink("output", d_old, d_new, multiplier_form)
+                     * plan.new.embed_multiplier / plan.old.embed_multiplier)
+            tp.rows.scale = torch.full_like(tp.rows.scale, f)
+            tp.fresh_value = f if tp.kind == "gain" else 0.0
+            return tp
+        kind = mup.classify(tp.kind, tp.rows.segments, None if tp.cols is None else tp.cols.segments)
+        if kind == "output":  # drop exact_copy's logit compensation: the readout shrinks
+            tp.cols.scale = (tp.cols.src >= 0).double()
+        tp.rows.scale = tp.rows.scale * mup.szp_shrink(kind, d_old, d_new, multiplier_form)
+        if tp.cols is not None:
+            tp.noise = 0.0
+            tp.noise_fresh = mup.szp_init_std(kind, tp.init_std, d_old, d_new, multiplier_form)
+            tp.noise_mode = "absolute"
+        return tp
+
+    def _fixed_shrink(self, tp):
         if tp.kind in ("gain", "norm_bias"):
             tp.rows.scale = torch.ones_like(tp.rows.scale)
             tp.fresh_value = 1.0 if tp.kind == "gain" else 0.0

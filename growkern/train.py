@@ -218,16 +218,21 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def _mup_groups(gpt, cfg: TrainConfig, decay: list, no_decay: list) -> list[dict]:
-    """muP (growkern/mup.py): the decayed matrices split by LR multiplier, hidden matrices
-    (lr / m) first, then the decayed embeddings / LM head (lr); the undecayed group as
-    under SP. Each group holds its LR ("lr") and its multiplier ("mup_lr_mult"), which
-    widen_ updates when the width changes; empty groups are left out."""
+    """muP (growkern/mup.py): SP's decayed group cut where its parameters change between
+    hidden matrices (lr / m) and the rest (lr): [wte, wpe], [hidden matrices], [lm_head]
+    (the parameters keep SP's order, so at the base width training is SP's bit for bit);
+    then the undecayed group as under SP. Each group holds its LR ("lr") and its
+    multiplier ("mup_lr_mult"), which widen_ updates when the width changes."""
     from . import mup
     mult = {n: mup.lr_multiplier(n, gpt.config) for n, _ in decay + no_decay}
-    hidden = [(n, p) for n, p in decay if mup.gpt_param_kind(n) == "hidden"]
-    rest = [(n, p) for n, p in decay if mup.gpt_param_kind(n) != "hidden"]
+    runs = []
+    for n, p in decay:
+        hidden = mup.gpt_param_kind(n) == "hidden"
+        if not runs or runs[-1][0] != hidden:
+            runs.append((hidden, []))
+        runs[-1][1].append((n, p))
     groups = []
-    for members, wd in ((hidden, cfg.weight_decay), (rest, cfg.weight_decay), (no_decay, 0.0)):
+    for members, wd in [(r, cfg.weight_decay) for _, r in runs] + [(no_decay, 0.0)]:
         if not members:
             continue
         m = mult[members[0][0]]

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import mup
 from . import schedule as schedule_mod
 from .adapter import Adapter, adapter_for
 from .ops import TensorScales, WidenGroup
@@ -28,7 +29,7 @@ from .plan import GrowthPlan, TensorPlan, plan_growth
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
-SCHEDULES = ("continue", "rewarm")
+SCHEDULES = ("continue", "rewarm", "restart")
 
 
 @dataclass
@@ -133,6 +134,8 @@ def _validate(model, adapter: Adapter, optimizer, scheduler, plan: GrowthPlan, s
                                      f"known: {', '.join(MOMENT_KEYS)}, step")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "restart" and scheduler is None:
+        raise ValueError("schedule='restart' needs the scheduler (pass scheduler=...)")
     if schedule == "rewarm":
         if scheduler is None:
             raise ValueError("schedule='rewarm' needs the scheduler (pass scheduler=...)")
@@ -415,6 +418,91 @@ def _preservation(small_logits, wide_logits, y) -> dict:
             "loss_small": float(loss_s), "loss_wide": float(loss_w)}
 
 
+# --- muP learning rates and the restarted schedule ----------------------------------
+
+RESTART_KEY = "_growkern_restart"  # on a restarted scheduler: {"steps_before": scheduler steps before}
+
+
+def _mup_lr_ratios(model, optimizer, old_config, new_config) -> list[tuple[float, float]] | None:
+    """Per optimizer group of a muP model, (factor on its LR, its new muP LR multiplier):
+    the new multiplier of its parameters over the old (growkern.mup.lr_multiplier; 1/2 for
+    hidden matrices when d_model doubles, 1 for the rest). None for SP models or without
+    an optimizer. A group whose parameters' LRs would change differently cannot follow
+    the width: ValueError, before anything changes."""
+    if optimizer is None or not mup.is_mup(old_config):
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for i, group in enumerate(optimizer.param_groups):
+        seen = {}  # ratio -> (a parameter, its new multiplier)
+        for p in group["params"]:
+            n = names[id(p)]
+            new = mup.lr_multiplier(n, new_config)
+            seen.setdefault(new / mup.lr_multiplier(n, old_config), (n, new))
+        if len(seen) > 1:
+            (r1, (n1, _)), (r2, (n2, _)) = list(seen.items())[:2]
+            raise ValueError(f"muP: optimizer group {i} holds {n1} (LR x{r1:g} at the new width) and {n2} "
+                             f"(x{r2:g}); their muP learning rates change differently with width, so one "
+                             f"group LR cannot follow. Give hidden matrices their own groups "
+                             f"(growkern.train.build_optimizer does)")
+        out.append(next(iter(seen.items()), (1.0, (None, None))))
+    return [(r, mult) for r, (_, mult) in out]
+
+
+def _schedulers(scheduler):
+    """The scheduler and the ones it chains (SequentialLR, ChainedScheduler)."""
+    yield scheduler
+    for sub in getattr(scheduler, "_schedulers", None) or ():
+        yield from _schedulers(sub)
+
+
+def _scale_lrs(optimizer, scheduler, ratios) -> list[int]:
+    """Multiply each group's LR, initial_lr and the schedulers' base LRs (and a rewarm
+    ramp's un-ramped LRs) by its muP factor. Returns the groups that changed."""
+    def times(lr, r):
+        return lr * r if r != 1.0 else lr
+
+    changed = [i for i, (r, _) in enumerate(ratios) if r != 1.0]
+    for group, (r, mult) in zip(optimizer.param_groups, ratios):
+        group["lr"] = times(group["lr"], r)
+        if "initial_lr" in group:
+            group["initial_lr"] = times(group["initial_lr"], r)
+        if "mup_lr_mult" in group and mult is not None:
+            group["mup_lr_mult"] = mult
+    if scheduler is not None:
+        for sch in _schedulers(scheduler):
+            sch.base_lrs = [times(lr, r) for lr, (r, _) in zip(sch.base_lrs, ratios)]
+            if getattr(sch, "_last_lr", None) is not None:
+                sch._last_lr = [times(lr, r) for lr, (r, _) in zip(sch._last_lr, ratios)]
+            rw = getattr(sch, schedule_mod.KEY, None)
+            if rw is not None:
+                rw["base"] = [times(lr, r) for lr, (r, _) in zip(rw["base"], ratios)]
+    return changed
+
+
+def _check_restartable(scheduler):
+    if getattr(scheduler, "_schedulers", None) or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(f"schedule='restart' cannot restart a {type(scheduler).__name__}; allowed: a single "
+                         f"LRScheduler (LambdaLR, CosineAnnealingLR, ...), or build a new scheduler yourself")
+
+
+def _restart_schedule(scheduler) -> None:
+    """Put the scheduler back to its step 0, as when it was built: every group's LR back
+    to the scheduler's base LR, last_epoch -1, then the scheduler's own first step (so
+    warmup runs again). A pending rewarm ramp is dropped. The scheduler steps taken
+    before are kept in its state (RESTART_KEY), so a checkpoint can still tell how many
+    training steps it has seen."""
+    if isinstance(scheduler, schedule_mod._RewarmMixin):
+        delattr(scheduler, schedule_mod.KEY)
+        scheduler.__class__ = type(scheduler).__bases__[1]  # (_RewarmMixin, the scheduler's class)
+    before = getattr(scheduler, RESTART_KEY, {}).get("steps_before", 0) + max(scheduler.last_epoch, 0)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = lr
+    setattr(scheduler, RESTART_KEY, {"steps_before": before})
+    scheduler.last_epoch = -1
+    scheduler._initial_step()
+
+
 def _finish_gain(p: torch.Tensor, tp: TensorPlan):
     """Norms computing x_hat * (offset + w): the primitive mapped w with the scales of
     the effective gain; w' = a w + offset (a - 1) on kept entries, fresh ones hold
@@ -426,7 +514,7 @@ def _finish_gain(p: torch.Tensor, tp: TensorPlan):
 
 
 def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = None,
-           probe_batch=None, schedule: str = "continue", rewarm_steps: int | None = None,
+           probe_batch=None, schedule: str | None = None, rewarm_steps: int | None = None,
            backend: str = "auto", **plan_kwargs) -> GrowthReport:
     """Grow `model` in width in place, with its optimizer state and LR schedule.
 
@@ -437,7 +525,11 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     of growkern.plan_growth (factor=, d_model=, d_ff=, n_head=, strategy=, seed=,
     strategy options). The nn.Parameter objects stay the same, so optimizer
     param_groups, hooks and references stay valid; model.config describes the new
-    widths. Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
+    widths. `schedule`: "continue" (the LR goes on), "rewarm" (a ramp over
+    rewarm_steps), "restart" (the scheduler back to its step 0, warmup again); None:
+    the strategy's default ("restart" for szp, else "continue"). A muP model's groups'
+    LRs (and the scheduler's base LRs) follow the new width (growkern/mup.py).
+    Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
     t0 = time.perf_counter()
     model = unwrap(model)
     if not isinstance(model, nn.Module):
@@ -449,11 +541,18 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         plan = plan_growth(model, **plan_kwargs)
     elif plan_kwargs:
         raise ValueError(f"give either plan= or plan_growth keywords, not both (got {sorted(plan_kwargs)})")
+    if schedule is None:  # the strategy's: "continue", or "restart" for szp (a new run)
+        schedule = getattr(plan.strategy, "default_schedule", "continue")
+        if schedule == "restart" and scheduler is None:
+            schedule = "continue"  # no scheduler to restart
     _validate(model, adapter, optimizer, scheduler, plan, schedule, rewarm_steps)
+    if schedule == "restart":
+        _check_restartable(scheduler)
     new_config = adapter.new_config(model.config, plan.new)
     ref_old = adapter.build_reference(model.config, like=model)
     ref_new = adapter.build_reference(new_config, like=model)
     _check_new_config(model, adapter, plan, ref_old, ref_new)
+    lr_ratios = _mup_lr_ratios(model, optimizer, model.config, new_config)
     from .backends import resolve_backend
     widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
     new_bytes = _check_memory(model, optimizer, plan)
@@ -500,6 +599,15 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
                      f"(the old rows span their fan-in space) and stay as drawn")
     adapter.apply_config(model, new_config)
     adapter.sync(model, ref_old, ref_new)
+    if lr_ratios is not None:
+        changed = _scale_lrs(optimizer, scheduler, lr_ratios)
+        if changed:
+            notes.append(f"muP: the LRs of optimizer groups {changed} follow the width "
+                         f"(x{lr_ratios[changed[0]][0]:g}); output multiplier "
+                         f"{mup.output_multiplier(new_config):g}")
+    if scheduler is not None and schedule == "restart":
+        _restart_schedule(scheduler)
+        notes.append("schedule restarted: the scheduler is back at its step 0")
     if scheduler is not None and schedule == "rewarm":
         schedule_mod.rewarm_(scheduler, rewarm_steps)
 
