@@ -45,6 +45,9 @@ def add_study_commands(subparsers) -> None:
         if name == "growth-factor":
             sp.add_argument("--strategy", default=None,
                             help="growth strategy (default: the preset's, szp)")
+        sp.add_argument("--workers", type=int, default=None,
+                        help="processes running independent runs at once (default: every core on a "
+                             "CPU, 1 on a GPU); results do not depend on it")
         sp.add_argument("--force", action="store_true",
                         help="replace the report of a different preset, data or study in --out")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -70,5 +73,6 @@ def run_study_cli(args, command: str | None = None) -> int:
     if command is None:
         command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
     STUDIES[args.study](args.preset, args.out, args.data, device=args.device, threads=args.threads,
-                        progress=not args.quiet, command=command, force=args.force, **overrides)
+                        progress=not args.quiet, command=command, force=args.force,
+                        workers=args.workers, **overrides)
     return 0
