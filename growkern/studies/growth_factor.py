@@ -125,7 +125,8 @@ def _command(preset_name, out) -> str:
 
 
 def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", threads=None,
-                      progress: bool = True, command: str | None = None, force: bool = False, **overrides) -> StudyResult:
+                      progress: bool = True, command: str | None = None, force: bool = False,
+                  workers: int | None = None, **overrides) -> StudyResult:
     """Run (or finish, or re-report) the growth-factor study into `out`: results.csv,
     scratch_curve.csv, report.md and PNG plots. `overrides` replace preset fields
     (e.g. strategy="exact_copy", budgets=(5, 10))."""

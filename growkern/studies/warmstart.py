@@ -141,7 +141,8 @@ def _default_command(preset_name, out) -> str:
 
 
 def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads=None,
-                  progress: bool = True, command: str | None = None, force: bool = False, **overrides) -> StudyResult:
+                  progress: bool = True, command: str | None = None, force: bool = False,
+                  workers: int | None = None, **overrides) -> StudyResult:
     """Run (or finish, or re-report) the warmstart study into `out`: results.csv,
     report.md and PNG plots. Finished runs are read from `out`/runs; base checkpoints
     from `out`/cache/base. `overrides` replace preset fields (e.g. continuation=64)."""
