@@ -404,7 +404,7 @@ def _probe(model, probe_batch):
     logits = logits.double()
     if y is None:
         logits, y = logits[:, :-1], x[:, 1:]
-    return logits, y
+    return logits, y.long()  # nll_loss takes int64 targets only; _check_probe allows any integer dtype
 
 
 def _preservation(small_logits, wide_logits, y) -> dict:
