@@ -395,6 +395,8 @@ LARGE_GROWTH = 16
 def _check_grow_out(src: Path, out: Path, force: bool) -> None:
     """OUT/ckpt must not hold a checkpoint (the source's own above all) unless --force."""
     target = out / "ckpt"
+    if target.resolve() != src.resolve() and target.resolve().is_relative_to(src.resolve()):
+        raise CLIError(f"--out {out} is inside the checkpoint being grown ({src}); give a new --out")
     if not (target / ckpt_mod.META).is_file() or force:
         return
     same = target.resolve() == src.resolve()
@@ -412,7 +414,7 @@ def _announce_growth(model, optimizer, plan, out: Path) -> None:
     print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
           f"checkpoint about {size / 2**30:.2f} GiB")
     if after > LARGE_GROWTH * before:
-        print(f"warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
+        print(f"growkern grow: warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
               f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
     existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
@@ -434,6 +436,10 @@ def cmd_grow(args) -> int:
     ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
     targets = growth_targets(args.factor, args.d_model, args.d_ff, args.n_head)
     options = parse_options(args.option)
+    taken = sorted(set(options) & {"factor", "d_model", "d_ff", "n_head", "strategy", "seed"})
+    if taken:
+        raise CLIError(f"--option {taken[0]}=... is a growth argument, not a strategy option; give it as "
+                       f"--{taken[0].replace('_', '-')}")
     try:
         plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
     except TypeError as e:  # a strategy option of the wrong type
@@ -634,6 +640,31 @@ def cmd_demo(args) -> int:
 
 # --- parser ---------------------------------------------------------------------
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is below {low}; allowed: integers >= {low}")
+        return v
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{v} is not a positive finite number")
+    return v
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows a default only where there is one worth showing."""
 
@@ -677,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="start a new run in an OUT that holds one")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's); "
+    t.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's); "
                                                             "1 is steadier on a busy machine")
     add_flags(t, MODEL_FLAGS, "model (new runs only)")
     add_flags(t, TRAIN_FLAGS, "training")
@@ -728,11 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", formatter_class=_Formatter, help="generate text from a checkpoint")
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint or run directory")
     s.add_argument("--prompt", default="Once upon a time")
-    s.add_argument("--tokens", type=int, default=200, help="new tokens at most (stops at end of story)")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50, help="0 disables")
+    s.add_argument("--tokens", type=non_negative_int, default=200, help="new tokens at most (stops at end of story)")
+    s.add_argument("--temperature", type=positive_float, default=0.8)
+    s.add_argument("--top-k", type=non_negative_int, default=50, help="0 disables")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num", type=int, default=1, help="number of samples")
+    s.add_argument("--num", type=positive_int, default=1, help="number of samples")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.set_defaults(func=cmd_sample)
 
@@ -750,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grow-at", type=int, help="step of the growth (default steps/2)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-baselines", action="store_true", help="skip the small and scratch-wide runs")
-    d.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's); "
+    d.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's); "
                                                             "1 is steadier on a busy machine")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     d.set_defaults(func=cmd_demo)
@@ -794,8 +825,7 @@ def main(argv=None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.func(args) or 0
-    except (CLIError, ckpt_mod.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
-            MemoryError) as e:
+    except (CLIError, ckpt_mod.CheckpointError, OSError, ValueError, MemoryError) as e:
         if os.environ.get("GROWKERN_DEBUG"):
             raise
         print(f"growkern {args.command}: error: {e or type(e).__name__}", file=sys.stderr)

@@ -268,6 +268,9 @@ def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
         d_ff = round(c.d_ff * factor) if factor is not None else c.d_ff
 
     for name, old, new in (("d_model", c.d_model, d_model), ("d_ff", c.d_ff, d_ff), ("n_head", c.n_head, n_head)):
+        if new > MAX_WIDTH:
+            raise ValueError(f"target {name}={new:.3g} is beyond any model (at most {MAX_WIDTH:,}); "
+                             f"allowed: a factor or target that gives a width a device can hold")
         if new < old:
             raise ValueError(f"target {name}={new} is smaller than the current {old}; "
                              f"growkern only grows (allowed: {name} >= {old})")
@@ -307,6 +310,9 @@ def _model_and_adapter(target) -> tuple[nn.Module, Adapter]:
     raise TypeError(f"plan_growth needs a model (growkern.GPT, a transformers causal LM, or a class "
                     f"registered with growkern.register_adapter) or a growkern.GPTConfig; "
                     f"got {type(target).__name__}")
+
+
+MAX_WIDTH = 2**24  # 16M units: one d_model x d_ff matrix at this width is already ~1e14 entries
 
 
 def plan_growth(model, *, factor: float | None = None, d_model: int | None = None,

@@ -548,6 +548,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     _validate(model, adapter, optimizer, scheduler, plan, schedule, rewarm_steps)
     if schedule == "restart":
         _check_restartable(scheduler)
+    # memory first: the reference builds below allocate each new-width parameter briefly
+    new_bytes = _check_memory(model, optimizer, plan)
     new_config = adapter.new_config(model.config, plan.new)
     ref_old = adapter.build_reference(model.config, like=model)
     ref_new = adapter.build_reference(new_config, like=model)
@@ -555,7 +557,6 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     lr_ratios = _mup_lr_ratios(model, optimizer, model.config, new_config)
     from .backends import resolve_backend
     widen_many, backend_name = resolve_backend(backend, next(model.parameters()).device, batch=True)
-    new_bytes = _check_memory(model, optimizer, plan)
     if probe_batch is not None:
         _check_probe(probe_batch, plan.old, next(model.parameters()).device)
         small_logits, probe_y = _probe(model, probe_batch)

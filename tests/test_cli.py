@@ -97,7 +97,7 @@ def test_grow_refuses_what_would_lose_or_waste_work(tmp_path, capsys, monkeypatc
 
     def refused(*argv, words):
         rc, stdout, err = run(capsys, "grow", *argv)
-        (error,) = [line for line in err.splitlines() if not line.startswith("warning:")]
+        (error,) = [line for line in err.splitlines() if ": warning: " not in line]
         assert rc == 2 and error.startswith("growkern grow: error: ") and words in error, err
         assert "Traceback" not in stdout + err
         assert (src / "ckpt" / C.META).read_bytes() == trained
@@ -114,7 +114,7 @@ def test_grow_refuses_what_would_lose_or_waste_work(tmp_path, capsys, monkeypatc
     assert not out.exists()
 
     rc, stdout, err = run(capsys, "grow", src, "--factor", 5, "--out", out)
-    assert rc == 0 and "-> 320" in stdout and "checkpoint about" in stdout and "warning: this growth" in err
+    assert rc == 0 and "-> 320" in stdout and "checkpoint about" in stdout and "growkern grow: warning: this growth" in err
     refused(src, "--out", out, words=f"{out / 'ckpt'} already holds a checkpoint; give a new --out, or --force")
     rc, stdout, _ = run(capsys, "grow", src, "--out", out, "--force")
     assert rc == 0 and C.load(out).gpt_config.d_model == 128

@@ -15,8 +15,7 @@ work" change (commit d29faf8): (a) grow --out refuses a checkpoint / the source 
 --force, (b) --factor 1000's MemoryError is one line with exit 2, (c) a growth that
 changes no width is a ValueError, (d) a bad probe_batch is TypeError/ValueError before
 anything changes, (e) a non-UTF-8 data file gets an error naming it. Run them with
-`-k fix_`. Tests named `test_known_*` pin bugs found here and not fixed yet (they fail
-until they are).
+`-k fix_`. The other single-input tests pin bugs the properties found (fixed since).
 
 Sized from the hypothesis profile (tests/conftest.py): `--hypothesis-profile=fuzz` runs
 thousands of fresh examples.
@@ -127,7 +126,8 @@ def configs(draw):
 GOOD_FACTORS = st.sampled_from([2, 1.5, 3, 2.5, 1.25, 4, 2.0])
 BAD_FACTORS = st.sampled_from([1, 1.0, 1.01, 0.5, 0, -1, -2.0, nan, inf, -inf, "2", b"2", True, False,
                                [2], 2 + 0j, torch.tensor(2.0)])
-# The factor 1e4 and beyond is test_known_huge_factor (fails today); kept out of here.
+# Factors of 1e4 and beyond take seconds to plan (perturb's antithetic pairs): tested alone
+# in test_huge_factor_is_a_memory_or_value_error.
 factors = st.one_of(st.none(), GOOD_FACTORS, GOOD_FACTORS, st.floats(0.5, 4.0), BAD_FACTORS)
 
 
@@ -379,8 +379,8 @@ def test_fix_d_bad_probe_batch_is_refused_before_anything_changes(cfg, probe_kin
 
 
 @pytest.mark.parametrize("factor", [1e4, 1e18, 2.0**62, 1e300])
-def test_known_huge_factor_is_a_memory_or_value_error(factor):
-    """Fails today (found by this file): factor 1e4 passes plan_growth, then widen_'s
+def test_huge_factor_is_a_memory_or_value_error(factor):
+    """Found by the properties of this file: factor 1e4 passes plan_growth, then widen_'s
     meta build of the new config (adapter.build_reference: nn.Linear allocates its
     weight with torch.empty before it is moved to meta) raises the allocator's
     RuntimeError before _check_memory can say MemoryError; 1e18 and 2**62 make
@@ -520,7 +520,7 @@ def test_cli_grow_arguments(data, small_ckpt, workdir, non_utf8_data):
         src = fresh_copy(small_ckpt, tmp, "src")
         argv = ["grow", pick(draw, "ckpt", [src, src / "ckpt"], [tmp / "missing", tmp, src / "ckpt" / "meta.json"])]
         out_kind = pick(draw, "out", ["new", "nested new", "empty dir"],
-                        ["checkpoint", "source", "a file"])  # SRC/ckpt: test_known_grow_out_source_ckpt_dir
+                        ["checkpoint", "source", "source ckpt", "a file"])
         out = {"new": tmp / "out", "empty dir": tmp / "empty", "checkpoint": tmp / "other",
                "source": src, "source ckpt": src / "ckpt", "a file": tmp / "file",
                "nested new": tmp / "a" / "b"}[out_kind]
@@ -553,12 +553,14 @@ def test_cli_grow_arguments(data, small_ckpt, workdir, non_utf8_data):
         source_before = tree_digest(src)
         rc, so, se = run_cli(argv)
         check_cli(argv, rc, so, se)
-        replaced = out_kind in ("source", "source ckpt") and force
+        replaced = out_kind == "source" and force
         if rc != 0 or not replaced:
             assert tree_digest(src) == source_before, "the source checkpoint changed"
         # (a): OUT holding a checkpoint (the source's own too) is refused without --force
         if out_kind in ("checkpoint", "source") and not force:
             assert rc == 2
+        if out_kind == "source ckpt":  # OUT/ckpt would be inside the source: never
+            assert rc == 2 and "inside the checkpoint being grown" in se
         if rc == 0:
             grown = out / "ckpt"
             assert (grown / "meta.json").is_file()
@@ -587,7 +589,7 @@ TRAIN_FLAGS = {
     "--log-every": (["0", "1"], ["-1"]),
     "--stop-at": (["1", "3", "100"], ["0", "-1"]),
     "--save-every": (["0", "1"], ["-1"]),
-    "--threads": (["1"], ["0"]),  # -1: test_known_negative_threads
+    "--threads": (["1"], ["0", "-1"]),
 }
 MODEL_FLAGS = {
     "--norm": (["layernorm", "rmsnorm"], ["batchnorm"]),
@@ -725,8 +727,8 @@ def test_fix_e_non_utf8_data_file_is_named(command, small_ckpt, workdir, non_utf
 
 @needs_real
 @pytest.mark.parametrize("factor", ["1e4", "1e18"])
-def test_known_grow_huge_factor_is_a_one_line_error(factor, small_ckpt, workdir):
-    """Fails today (found by this file): see test_known_huge_factor_is_a_memory_or_value_error;
+def test_grow_huge_factor_is_a_one_line_error(factor, small_ckpt, workdir):
+    """Found by the properties of this file: see test_huge_factor_is_a_memory_or_value_error;
     the CLI prints the allocator's RuntimeError as a traceback."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
@@ -741,8 +743,8 @@ def test_known_grow_huge_factor_is_a_one_line_error(factor, small_ckpt, workdir)
 
 @needs_real
 @pytest.mark.parametrize("command", ["train", "demo"])
-def test_known_negative_threads_is_a_one_line_error(command, small_ckpt, workdir):
-    """Fails today (found by this file): `--threads -1` reaches torch.set_num_threads in
+def test_negative_threads_is_a_one_line_error(command, small_ckpt, workdir):
+    """Found by the properties of this file: `--threads -1` reaches torch.set_num_threads in
     cli.main, whose RuntimeError is not caught: a traceback instead of exit 2."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
@@ -763,8 +765,8 @@ def test_known_negative_threads_is_a_one_line_error(command, small_ckpt, workdir
     ["sample", "{small}", "--tokens", "1", "--top-k", "-5"],  # RuntimeError: selected index k out of range
     ["grow", "{src}", "--factor", "2", "--out", "{src}/ckpt"],  # writes SRC/ckpt/ckpt into the source
 ])
-def test_known_cli_inputs_that_escape_as_tracebacks_or_touch_the_source(argv, small_ckpt, workdir):
-    """Fail today (found by the properties above): each is an error to report in one
+def test_cli_inputs_that_escape_as_tracebacks_or_touch_the_source(argv, small_ckpt, workdir):
+    """Found by the properties above: each is an error to report in one
     line with exit 2, leaving the source checkpoint as it was."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
