@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .staging import remove_stale_staging, staging_name
+
 BOS = "<|bos|>"
 EOS = "<|eos|>"
 SEPARATOR = "<|endoftext|>"
@@ -132,7 +134,8 @@ def download(url: str, dest: Path) -> None:
     """Download url to dest with a progress bar; dest appears only when complete."""
     from tqdm import tqdm  # only needed on this path; keep imports light
 
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    remove_stale_staging(dest)  # what a killed download left
+    tmp = staging_name(dest)
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
             total = int(resp.headers.get("Content-Length") or 0) or None
@@ -257,7 +260,8 @@ class Corpus:
 def _atomic_open(path: Path, mode: str = "wb"):
     # Write beside the target then rename: readers see the old file or the
     # whole new one, never a prefix. The pid keeps concurrent writers apart.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    remove_stale_staging(path)  # what a killed writer left
+    tmp = staging_name(path)
     try:
         with open(tmp, mode) as f:
             yield f

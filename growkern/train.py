@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .model import GPT
+from .staging import remove_stale_staging, staging_name
 
 SCHEDULES = ("constant", "cosine", "wsd")
 REGIMES = ("deterministic", "stochastic")
@@ -359,7 +360,6 @@ def drop_records_after(path, step: int) -> None:
     checkpoint logs again, and a kill mid-write leaves a torn last line; both go, so an
     interrupted and resumed run logs what an uninterrupted one does. The log is
     rewritten atomically (temp file + os.replace), and only when something goes."""
-    from .checkpoint import remove_stale_staging, staging_name
     path = Path(path)
     remove_stale_staging(path)  # the temp file of a rewrite that was killed
     try:

@@ -1,4 +1,5 @@
 import json
+import os
 import urllib.error
 from pathlib import Path
 
@@ -235,6 +236,21 @@ def test_cache_reuse_without_retraining(tmp_path, monkeypatch):
     (first.path / "meta.json").unlink()
     with pytest.raises(AssertionError, match="retrained"):
         D.prepare(d, vocab_size=300, cache_dir=tmp_path / "c")
+
+
+def test_cache_writes_remove_what_killed_writers_left(tmp_path):
+    from test_train import dead_pid
+    d = write_split(tmp_path / "d", tiny_text(40), tiny_text(10, "v"))
+    first = D.prepare(d, vocab_size=300, cache_dir=tmp_path / "c")
+    dead, files = dead_pid(), sorted(f for f in first.path.iterdir() if f.is_file())
+    left = [f.with_name(f".{f.name}.tmp-{dead}-0123abcd") for f in files]  # as killed mid-write
+    live = files[0].with_name(f".{files[0].name}.tmp-{os.getpid()}-feedbeef")  # a writer at work
+    for f in left + [live]:
+        f.write_bytes(b"partial")
+    for f in files:
+        f.unlink()  # the cache is rebuilt, each file written again beside its leftover
+    D.prepare(d, vocab_size=300, cache_dir=tmp_path / "c")
+    assert not any(f.exists() for f in left) and live.exists()
 
 
 def test_cache_key_changes(tmp_path):
