@@ -44,27 +44,36 @@ def assert_png(path):
 @pytest.fixture(scope="module")
 def warmstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("warmstart")
-    return out, run_warmstart("smoke", out, data=REAL, progress=False)
+    # two worker processes: the pool's path; results must not depend on it (rerun test below)
+    return out, run_warmstart("smoke", out, data=REAL, progress=False, workers=2)
+
+
+# smoke: per (base seed, checkpoint) 7 main candidates x 2 regimes, 4 re-warmed x 2 regimes,
+# perturb and perturb_np at noise 0.1 in the deterministic regime
+SMOKE_ROWS = (7 * 2 + 4 * 2 + 2) * 2 * 2
 
 
 def test_warmstart_outputs(warmstart):
     out, res = warmstart
-    assert res.computed == 56 and res.cached == 0
+    assert res.computed == SMOKE_ROWS and res.cached == 0
     columns, rows = read_csv(out / "results.csv")
     assert tuple(columns) == WS_COLUMNS
-    # one row per candidate x regime x checkpoint x seed
-    combos = {(r["strategy"], r["regime"], r["checkpoint"], r["seed"]) for r in rows}
-    assert len(rows) == len(combos) == 7 * 2 * 2 * 2
-    assert {r["checkpoint"] for r in rows} == {"20", "40"}
+    combos = {(r["candidate"], r["regime"], r["checkpoint"], r["base_seed"]) for r in rows}
+    assert len(rows) == len(combos) == len({r["key"] for r in rows}) == SMOKE_ROWS  # no duplicate runs
+    assert {r["checkpoint"] for r in rows} == {"20", "40"} and {r["base_seed"] for r in rows} == {"0", "1"}
+    assert {r["schedule"] for r in rows if r["strategy"] in ("szp", "scratch")} == {"restart"}
+    assert {r["candidate"] for r in rows if r["group"] == "noise"} == {"perturb@0.1", "perturb_np@0.1"}
     for r in rows:
-        for c in ("pres_kl", "pres_dloss", "probe_kl", "probe_rms", "probe_escape", "probe_loss",
-                  "final_loss", "auc"):
+        for c in ("pres_kl", "pres_dloss", "escape0", "escape_1", "escape_4", "probe_kl", "probe_rms",
+                  "probe_update_rms", "probe_escape", "probe_loss", "final_loss", "auc"):
             assert math.isfinite(float(r[c])), (c, r)
     report = (out / "report.md").read_text()
     for text in ("preset `smoke`", "base model: d_model 16", "checkpoints at steps 20, 40", "wall time",
-                 "### deterministic regime", "### stochastic regime", "## Selectors",
-                 "## Comparison with the paper", "preservation at step 0", "reduced grids"):
+                 "## Findings", "exact copy ranks first", "95% CI", "### deterministic regime",
+                 "### stochastic regime", "## Continue vs re-warm", "## Noise scale of perturb", "## Selectors",
+                 "within, four families", "reduced grids"):
         assert text in report, text
+    assert any(v in report for v in ("**agree**", "**disagree**", "**inconclusive**"))
     if HAVE_MPL:
         for name in ("curves_deterministic.png", "curves_stochastic.png", "selectors.png"):
             assert_png(out / name)
@@ -74,13 +83,19 @@ def test_warmstart_known_answers(warmstart):
     out, _ = warmstart
     _, rows = read_csv(out / "results.csv")
     pick = lambda **kw: [r for r in rows if all(r[k] == v for k, v in kw.items())]  # noqa: E731
-    # copies stay copies in the deterministic regime; noise breaks the symmetry
-    for r in pick(strategy="exact_copy", regime="deterministic"):
-        assert float(r["probe_escape"]) < 1e-6
-    for r in pick(strategy="perturb"):
-        assert float(r["probe_escape"]) > 0
-    for r in pick(strategy="exact_copy", regime="stochastic"):
-        assert float(r["probe_escape"]) > 0  # dropout breaks it too
+    # the update escapes the clone subspace only where something breaks the symmetry:
+    # not for exact_copy in the deterministic regime; noise and dropout do
+    for r in pick(candidate="exact_copy", regime="deterministic"):
+        assert float(r["probe_escape"]) < 1e-10 and float(r["escape0"]) == 0
+    for r in pick(candidate="perturb_np"):
+        assert float(r["probe_escape"]) > 1e-8 and float(r["escape0"]) > 0
+    for r in pick(candidate="exact_copy", regime="stochastic"):
+        assert float(r["probe_escape"]) > 1e-6  # dropout breaks it too
+    # more noise, more escape (the sweep)
+    for cell in {(r["base_seed"], r["checkpoint"]) for r in rows}:
+        one = lambda name: next(r for r in pick(candidate=name, regime="deterministic")  # noqa: E731
+                                if (r["base_seed"], r["checkpoint"]) == cell)
+        assert float(one("perturb_np@0.1")["escape0"]) > float(one("perturb_np")["escape0"])
     # step-0 preservation: exact for the preserving strategies (RMSNorm), not for szp
     for r in rows:
         kl = float(r["pres_kl"])
@@ -89,20 +104,20 @@ def test_warmstart_known_answers(warmstart):
             assert r["plan_preserving"] == "True"
         elif r["strategy"] == "szp":
             assert kl > 1e-4
-    # deterministic regime: the same data order for every candidate, so exact_copy
-    # (no noise) gives the same run for both seeds; the stochastic regime differs
-    det = pick(strategy="exact_copy", regime="deterministic", checkpoint="40")
-    assert det[0]["final_loss"] == det[1]["final_loss"]
-    sto = pick(strategy="exact_copy", regime="stochastic", checkpoint="40")
-    assert sto[0]["final_loss"] != sto[1]["final_loss"]
+    # different base seeds are different base models: every candidate differs between them
+    for name in {r["candidate"] for r in rows}:
+        for regime in ("deterministic", "stochastic"):
+            a, b = (pick(candidate=name, regime=regime, checkpoint="40", base_seed=s) for s in ("0", "1"))
+            if a:
+                assert a[0]["loss_small"] != b[0]["loss_small"] and a[0]["final_loss"] != b[0]["final_loss"]
 
 
 def test_warmstart_rerun_trains_nothing(warmstart, monkeypatch):
     out, _ = warmstart
     before = (out / "results.csv").read_text()
     no_training(monkeypatch)
-    res = run_warmstart("smoke", out, data=REAL, progress=False)
-    assert (res.computed, res.cached, res.train_steps) == (0, 56, 0)
+    res = run_warmstart("smoke", out, data=REAL, progress=False, workers=1)
+    assert (res.computed, res.cached, res.train_steps) == (0, SMOKE_ROWS, 0)
     assert (out / "results.csv").read_text() == before
     # the CLI on the same folder: everything cached as well
     assert studies_main(["warmstart", "--preset", "smoke", "--out", str(out), "--data", str(REAL),
@@ -133,9 +148,9 @@ def test_warmstart_interrupted_reruns_only_what_is_missing(warmstart):
         f.unlink()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     before = strip(read_csv(out / "results.csv")[1])
-    again = run_warmstart("smoke", out, data=REAL, progress=False)
-    assert (again.computed, again.cached) == (2, 54)
-    assert again.train_steps == 2 * 32  # the base checkpoints are reused: continuations only
+    again = run_warmstart("smoke", out, data=REAL, progress=False, workers=1)
+    assert (again.computed, again.cached) == (2, SMOKE_ROWS - 2)
+    assert again.train_steps == 2 * 16  # the base checkpoints are reused: continuations only
     assert strip(read_csv(out / "results.csv")[1]) == before  # bit-identical recomputation
 
 

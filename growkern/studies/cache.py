@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 # Bump when a change in the study code changes results, so old results are not reused.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 
 
 def _jsonable(x):

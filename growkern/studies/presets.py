@@ -24,7 +24,7 @@ class WarmstartPreset:
     d_model: int
     n_head: int
     growth_factor: float
-    # base training (deterministic regime, constant LR after warmup)
+    # base training (deterministic regime; the schedule spans base + continuation steps)
     batch_size: int
     lr: float
     warmup: int
@@ -34,30 +34,48 @@ class WarmstartPreset:
     probe_lag: int
     eval_every: int
     dropout: float  # stochastic regime
-    seeds: tuple = (0, 1)
+    base_seeds: tuple = (0, 1)  # one base model per seed (init and data order)
+    growth_seed: int = 0  # the growth's noise (Philox key); recorded per row
     strategies: tuple = WARMSTART_STRATEGIES
     regimes: tuple = REGIMES
+    schedule: str = "cosine"  # base LR schedule after warmup: constant, cosine, wsd
+    min_lr_ratio: float = 0.1
+    rewarm: bool = True  # also continue the preserving strategies with a re-warmed schedule
+    rewarm_steps: int = 16
+    noise_scales: tuple = (1e-3, 1e-2, 3e-2, 1e-1)  # perturb sweep (relative noise), deterministic regime
+    escape_lags: tuple = (1, 4, 16)  # steps after growth where the update's escape is measured
+    parameterization: str = "mup"  # muP with the base model's width as base width
     weight_decay: float = 0.1
     eval_batch_size: int = 16
     eval_batches: int = 4  # held-out windows = eval_batch_size * eval_batches
-    base_seed: int = 0
     threads: int | None = None  # torch CPU threads; None: torch's default
+
+    @property
+    def horizon(self) -> int:
+        """The LR schedule's length: the last checkpoint plus a continuation."""
+        return max(self.checkpoints) + self.continuation
 
     def describe(self) -> list[str]:
         wide = round(self.d_model * self.growth_factor)
+        sched = (f"{self.schedule} to {self.min_lr_ratio:g} x lr over {self.horizon} steps"
+                 if self.schedule != "constant" else "constant")
         return [
             f"base model: d_model {self.d_model}, {self.n_head} heads (head_dim {self.d_model // self.n_head}), "
             f"{self.n_layer} layers, d_ff {4 * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
-            f"block {self.block_size}; grown x{self.growth_factor:g} to d_model {wide}",
-            f"base training: {max(self.checkpoints)} steps, batch {self.batch_size} x {self.block_size} tokens, "
-            f"AdamW lr {self.lr:g} (constant after {self.warmup} warmup steps), "
-            f"checkpoints at steps {', '.join(map(str, self.checkpoints))}",
-            f"continuation: {self.continuation} steps per candidate, probe lag {self.probe_lag}, "
-            f"val loss every {self.eval_every} steps on {self.eval_batch_size * self.eval_batches} held-out "
-            f"windows; stochastic regime dropout {self.dropout:g}; seeds {', '.join(map(str, self.seeds))}",
-            f"grid: {len(self.checkpoints)} checkpoints x {len(self.strategies)} strategies x "
-            f"{len(self.regimes)} regimes x {len(self.seeds)} seeds = "
-            f"{len(self.checkpoints) * len(self.strategies) * len(self.regimes) * len(self.seeds)} continuations",
+            f"block {self.block_size}, {self.parameterization} (base width {self.d_model}); "
+            f"grown x{self.growth_factor:g} to d_model {wide}",
+            f"base training: one model per base seed ({', '.join(map(str, self.base_seeds))}), "
+            f"{max(self.checkpoints)} steps, batch {self.batch_size} x {self.block_size} tokens, AdamW lr "
+            f"{self.lr:g} after {self.warmup} warmup steps, then {sched}; checkpoints at steps "
+            f"{', '.join(map(str, self.checkpoints))}",
+            f"continuation: {self.continuation} steps per candidate, probe lag {self.probe_lag}, update "
+            f"escape at lags {', '.join(map(str, self.escape_lags))}, val loss every {self.eval_every} steps "
+            f"on {self.eval_batch_size * self.eval_batches} held-out windows; stochastic regime dropout "
+            f"{self.dropout:g}; growth noise seed {self.growth_seed}",
+            f"candidates: {', '.join(self.strategies)} (schedule continues; szp and scratch restart it)"
+            + (f"; the preserving ones also re-warmed over {self.rewarm_steps} steps" if self.rewarm else "")
+            + (f"; perturb (preserving and not) at relative noise {', '.join(f'{n:g}' for n in self.noise_scales)}"
+               f" in the deterministic regime" if self.noise_scales else ""),
         ]
 
 
@@ -107,15 +125,16 @@ class GrowthFactorPreset:
         ]
 
 
-SMOKE_NOTE = ("smoke preset: reduced grids (2 checkpoints, 32-step continuations with an 8-step probe; "
+SMOKE_NOTE = ("smoke preset: reduced grids (warmstart: 16-step continuations with a 4-step probe; "
               "growth factors {1.5, 2, 4}, budgets {1, 2}) on tiny models; it tests the pipeline, "
               "its numbers mean little")
 
 WARMSTART = {
     "smoke": WarmstartPreset(
         name="smoke", vocab_size=512, block_size=32, n_layer=1, d_model=16, n_head=4, growth_factor=2,
-        batch_size=8, lr=3e-3, warmup=5, checkpoints=(20, 40), continuation=32, probe_lag=8,
-        eval_every=8, dropout=0.1, eval_batch_size=16, eval_batches=2, threads=1),
+        batch_size=8, lr=3e-3, warmup=5, checkpoints=(20, 40), continuation=16, probe_lag=4,
+        eval_every=4, dropout=0.1, rewarm_steps=4, noise_scales=(1e-1,), escape_lags=(1, 4),
+        eval_batch_size=16, eval_batches=2, threads=1),
     "cpu": WarmstartPreset(
         name="cpu", vocab_size=1024, block_size=64, n_layer=4, d_model=64, n_head=4, growth_factor=2,
         batch_size=16, lr=2e-3, warmup=100, checkpoints=(500, 1000), continuation=128, probe_lag=16,

@@ -1,105 +1,110 @@
-"""The warmstart study's report: rankings per regime and lag, selector correlations,
-the comparison with the paper's findings, results.csv and the plots."""
+"""The warmstart study's report: rankings with confidence intervals per regime, the
+schedule and noise comparisons, selector correlations within cells and pooled, and one
+verdict per paper finding; results.csv and the plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from .. import metrics
+import numpy as np
+
+from . import stats
 from .presets import SMOKE_NOTE
 from .progress import fmt_seconds
 from .report import fmt, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
-from .warmstart import COLUMNS, PRESERVING, SELECTORS
+from .warmstart import COLUMNS, PAPER_FAMILIES, SELECTORS, candidates
 
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
-LOG_SELECTORS = ("pres_kl", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)
+LOG_SELECTORS = ("pres_kl", "escape0", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)
 SAME_TOL = 1e-4  # nats: mean curves this close at every eval step are named as coinciding in the legend
+CELL = ("base_seed", "checkpoint")  # a base model's checkpoint: the unit every candidate shares
 
 
-def ranking(rows, regime: str, strategies, column: str) -> list[tuple[str, float]]:
-    """(strategy, mean of column over checkpoints and seeds), best (lowest) first."""
-    means = [(s, mean(r[column] for r in rows if r["regime"] == regime and r["strategy"] == s))
-             for s in strategies]
-    return sorted(means, key=lambda t: t[1])
+def cells_of(rows) -> list[tuple]:
+    return sorted({tuple(r[k] for k in CELL) for r in rows})
 
 
-def selector_correlations(rows, regime: str) -> dict[str, float]:
-    sub = [r for r in rows if r["regime"] == regime]
-    return {sel: metrics.spearman([r[sel] for r in sub], [r["final_loss"] for r in sub]) for sel in SELECTORS}
+def per_cell(rows, regime: str, candidate: str, column: str, cells) -> np.ndarray:
+    """column of `candidate` in each cell (nan where missing), in the order of `cells`."""
+    got = {tuple(r[k] for k in CELL): r[column] for r in rows
+           if r["regime"] == regime and r["candidate"] == candidate}
+    return np.array([np.nan if got.get(c) is None else float(got[c]) for c in cells])
 
 
-def _rank_of(order, strategy):
-    names = [s for s, _ in order]
-    return names.index(strategy) + 1 if strategy in names else None
+def mean_ci(x) -> tuple[float, float, float]:
+    """Mean and 95% CI over cells: Student t (bootstrap percentiles cannot cover at n = 4)."""
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    return stats.bootstrap_ci(x, method="t") if x.size else (math.nan, math.nan, math.nan)
 
 
-def _gap(order, strategy) -> str:
-    d = dict(order)
-    return f"{fmt(d[strategy] - order[0][1], 4)} nats" if strategy in d else "-"
+def diff_ci(a, b) -> tuple[float, float, float]:
+    """Mean of a - b over the cells both have, with its paired 95% t interval."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return mean_ci(d)
 
 
-def comparison(rows, p, ranks, corr) -> str:
-    """A plain paragraph: where our rankings agree and disagree with the paper."""
-    lag, end = p.probe_lag, p.continuation
-    agree, disagree = [], []
+def ci_text(est, lo, hi, digits=4) -> str:
+    if math.isnan(lo):
+        return fmt(est, digits)
+    return f"{fmt(est, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def ranking(rows, regime: str, names, column: str) -> list[tuple[str, float]]:
+    """(candidate, mean of column over cells), best (lowest) first."""
+    means = [(s, mean(r[column] for r in rows if r["regime"] == regime and r["candidate"] == s)) for s in names]
+    return sorted((t for t in means if not math.isnan(t[1])), key=lambda t: t[1])
+
+
+def best_other(rows, regime, names, column, than: str) -> str:
+    return next(s for s, _ in ranking(rows, regime, names, column) if s != than)
+
+
+def lead(rows, regime, names, column, who: str, cells) -> tuple[float, float, float, str]:
+    """who's column minus that of the best other candidate (by mean), per cell: < 0 means
+    who ranks first."""
+    other = best_other(rows, regime, names, column, who)
+    est, lo, hi = diff_ci(per_cell(rows, regime, who, column, cells), per_cell(rows, regime, other, column, cells))
+    return est, lo, hi, other
+
+
+def selector_table(rows, regime, names, target: str):
+    """selector -> WithinSpearman of selector vs target over `names` (cells: base model x checkpoint)."""
+    sub = [r for r in rows if r["regime"] == regime and r["candidate"] in names]
+    return {sel: stats.spearman_within(sub, CELL, sel, target, n_boot=2000) for sel in SELECTORS}
+
+
+def findings(rows, p, cells) -> list[stats.Finding]:
+    main = [c.name for c in candidates(p) if c.group == "main"]
     regimes = [r for r in ("deterministic", "stochastic") if r in p.regimes]
-
-    def claim(ok, yes, no):
-        (agree if ok else disagree).append(yes if ok else no)
-
-    if "exact_copy" in p.strategies:
+    out, n = [], len(cells)
+    lag, end = p.probe_lag, p.continuation
+    if "exact_copy" in main:
         for regime in regimes:
-            first = ranks[(regime, "probe")][0][0]
-            rk = _rank_of(ranks[(regime, "probe")], "exact_copy")
-            claim(first == "exact_copy",
-                  f"exact_copy ranks first in the {lag}-step probe of the {regime} regime",
-                  f"in the {lag}-step probe of the {regime} regime exact_copy ranks {rk}, "
-                  f"{_gap(ranks[(regime, 'probe')], 'exact_copy')} behind {first}")
+            est, lo, hi, other = lead(rows, regime, main, "probe_loss", "exact_copy", cells)
+            out.append(stats.Finding(f"{lag}-step probe loss, exact_copy - {other} (best other), {regime}",
+                                     f"exact copy ranks first in every {lag}-step probe", est, lo, hi, n, "< 0"))
         if "stochastic" in regimes:
-            first = ranks[("stochastic", "final")][0][0]
-            rk = _rank_of(ranks[("stochastic", "final")], "exact_copy")
-            claim(first == "exact_copy",
-                  f"exact_copy ranks first after the {end}-step stochastic continuation",
-                  f"after the {end}-step stochastic continuation exact_copy ranks {rk}, "
-                  f"{_gap(ranks[('stochastic', 'final')], 'exact_copy')} behind {first}")
-    if "structured" in p.strategies and "deterministic" in regimes:
-        first = ranks[("deterministic", "final")][0][0]
-        rk = _rank_of(ranks[("deterministic", "final")], "structured")
-        claim(first == "structured",
-              f"the structured non-clone start wins the {end}-step deterministic continuation",
-              f"the {end}-step deterministic continuation is won by {first}, not by the structured "
-              f"start (rank {rk}, {_gap(ranks[('deterministic', 'final')], 'structured')} behind)")
-    # preservation as a selector
-    rhos = {reg: corr[reg]["pres_kl"] for reg in regimes}
-    strong = all(rho == rho and rho >= 0.5 for rho in rhos.values())
-    rho_txt = ", ".join(f"{fmt(v, 2)} ({k})" for k, v in rhos.items())
-    pres = [s for s in PRESERVING if s in p.strategies]
-    spread = ""
-    if len(pres) >= 2:
-        spreads = []
-        for reg in regimes:
-            finals = [m for s, m in ranks[(reg, "final")] if s in pres]
-            spreads.append(f"{fmt(max(finals) - min(finals), 4)} nats ({reg})")
-        spread = (f"; the preserving strategies ({', '.join(pres)}) all have pres_kl at rounding level "
-                  f"yet their mean final losses span {', '.join(spreads)}")
-    claim(not strong,
-          f"preservation at step 0 is not a universal selector: Spearman(pres_kl, final_loss) is "
-          f"{rho_txt}{spread}",
-          f"here step-0 preservation does predict the final loss in every regime (Spearman(pres_kl, "
-          f"final_loss) = {rho_txt}){spread}")
-
-    text = [f"The paper ({PAPER}) finds that exact-copy symmetric warm starts rank first in every "
-            f"16-step probe and in stochastic 128-step continuations, while the structured non-clone "
-            f"start wins deterministic 128-step continuation, and that preservation at step 0 is not a "
-            f"universal selector."]
-    if agree:
-        text.append("We agree where " + "; ".join(agree) + ".")
-    if disagree:
-        text.append("We disagree where " + "; ".join(disagree) + ".")
-    text.append(f"(Rankings are means over {len(p.checkpoints)} checkpoints x {len(p.seeds)} seeds; "
-                f"this preset's probe lag is {lag} and its continuation {end} steps"
-                + ("; at this scale mean differences of a few thousandths of a nat are within seed noise"
-                   if p.name != "paper" else "") + ".)")
-    return " ".join(text)
+            est, lo, hi, other = lead(rows, "stochastic", main, "final_loss", "exact_copy", cells)
+            out.append(stats.Finding(f"final loss after {end} steps, exact_copy - {other} (best other), stochastic",
+                                     "exact copy ranks first in stochastic continuation", est, lo, hi, n, "< 0"))
+    if "structured" in main and "deterministic" in regimes:
+        est, lo, hi, other = lead(rows, "deterministic", main, "final_loss", "structured", cells)
+        out.append(stats.Finding(f"final loss after {end} steps, structured - {other} (best other), deterministic",
+                                 "the structured non-clone start wins deterministic continuation",
+                                 est, lo, hi, n, "< 0"))
+    pool = [s for s in main if s in PAPER_FAMILIES]
+    for regime in regimes:
+        sub = [r for r in rows if r["regime"] == regime and r["candidate"] in pool]
+        probe = stats.spearman_within(sub, CELL, "probe_loss", "final_loss", n_boot=2000).cells
+        pres = stats.spearman_within(sub, CELL, "pres_kl", "final_loss", n_boot=2000).cells
+        both = [k for k in probe if k in pres and not (math.isnan(probe[k]) or math.isnan(pres[k]))]
+        est, lo, hi = mean_ci([probe[k] - pres[k] for k in both])
+        out.append(stats.Finding(
+            f"Spearman with final loss within a cell, probe_loss minus pres_kl, paper's four families, {regime}",
+            "step-0 preservation is not a universal selector (a short probe selects better)",
+            est, lo, hi, len(both), "> 0"))
+    return out
 
 
 def _mean_curves(rows, regime, checkpoints, strategies) -> dict:
@@ -182,7 +187,7 @@ def _plots(out: Path, p, rows) -> list[Path]:
                              squeeze=False)
     for i, regime in enumerate(p.regimes):
         sub = [r for r in rows if r["regime"] == regime]
-        rho = selector_correlations(rows, regime)
+        rho = {sel: stats.spearman([r[sel] for r in sub], [r["final_loss"] for r in sub]) for sel in SELECTORS}
         for j, sel in enumerate(SELECTORS):
             ax = axes[i][j]
             for s in p.strategies:
@@ -205,20 +210,20 @@ def _plots(out: Path, p, rows) -> list[Path]:
 
 
 def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
-    rows = sorted(rows, key=lambda r: (p.regimes.index(r["regime"]), r["checkpoint"], r["seed"],
-                                       p.strategies.index(r["strategy"])))
+    cands = candidates(p)
+    order = {c.name: i for i, c in enumerate(cands)}
+    rows = sorted(rows, key=lambda r: (p.regimes.index(r["regime"]), r["base_seed"], r["checkpoint"],
+                                       order.get(r["candidate"], len(order))))
     files = [write_csv(out / "results.csv", rows, COLUMNS)]
-    ranks = {}
-    for regime in p.regimes:
-        ranks[(regime, "probe")] = ranking(rows, regime, p.strategies, "probe_loss")
-        ranks[(regime, "final")] = ranking(rows, regime, p.strategies, "final_loss")
-    corr = {regime: selector_correlations(rows, regime) for regime in p.regimes}
-    plots = _plots(out, p, rows)
+    cells = cells_of(rows)
+    main = [c.name for c in cands if c.group == "main"]
+    plots = _plots(out, p, [r for r in rows if r["group"] == "main"])
     files += plots
+    n = len(cells)
 
     L = [f"# Warmstart study, preset `{p.name}`", "",
          f"Which warm start to continue from after width growth, following {PAPER}. "
-         f"Protocol and metric definitions: [docs/studies.md](../../docs/studies.md).", "",
+         f"Protocol, metric and statistics definitions: [docs/studies.md](../../docs/studies.md).", "",
          "## Preset", ""]
     L += [f"- {line}" for line in p.describe()]
     L.append(f"- data: TinyStories, {meta['train_tokens']:,} train / {meta['valid_tokens']:,} validation "
@@ -228,51 +233,107 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
     L += ["", "## Run", "",
           f"- command: `{meta['command']}`",
           f"- wall time of this invocation: {fmt_seconds(meta['wall_seconds'])} "
-          f"({meta['computed']} continuations computed, {meta['cached']} read from the cache); "
-          f"compute time of all {len(rows)} continuations: {fmt_seconds(meta['compute_seconds'])}",
-          f"- device: {meta['device']}, torch threads: {meta['threads'] or 'default'}", ""]
+          f"({meta['computed']} continuations computed, {meta['cached']} read from the cache, "
+          f"{meta.get('workers', 1)} worker process(es)); compute time of all {len(rows)} continuations: "
+          f"{fmt_seconds(meta['compute_seconds'])}",
+          f"- device: {meta['device']}, torch threads per process: {meta['threads'] or 'default'}", "",
+          f"Every number below is a mean over the {n} cells (base model seed x checkpoint) with its 95% "
+          f"confidence interval in brackets (Student t over cells; paired over cells for differences). "
+          f"With {n} cells the intervals are wide: read a difference whose interval covers 0 as no "
+          f"difference.", ""]
+
+    L += ["## Findings", ""]
+    L += [f.markdown() for f in findings(rows, p, cells)]
+    L += ["", "agree: the interval lies on the paper's side; disagree: on the other side; inconclusive: "
+          "it covers the boundary.", ""]
 
     L += ["## Rankings", "",
-          f"Mean over {len(p.checkpoints)} checkpoints x {len(p.seeds)} seeds; rank 1 is best. "
-          f"Lag {p.probe_lag} ranks by `probe_loss`, the end (step {p.continuation}) by `final_loss`.", ""]
+          f"Main candidates (each strategy with its default options; szp and scratch restart the "
+          f"schedule, the others continue it). Rank by the final loss after {p.continuation} steps and "
+          f"by the AUC (mean val loss over the continuation); `gap` is the paired difference of the "
+          f"final loss to the best candidate.", ""]
     for regime in p.regimes:
-        probe = dict(ranks[(regime, "probe")])
-        final = dict(ranks[(regime, "final")])
+        fin = ranking(rows, regime, main, "final_loss")
+        auc_rank = [s for s, _ in ranking(rows, regime, main, "auc")]
+        best = fin[0][0]
         table = []
-        for s, _ in ranks[(regime, "final")]:
-            sub = [r for r in rows if r["regime"] == regime and r["strategy"] == s]
-            table.append([s, _rank_of(ranks[(regime, "probe")], s), probe[s], _rank_of(ranks[(regime, "final")], s),
-                          final[s], mean(r["auc"] for r in sub), mean(r["pres_kl"] for r in sub),
-                          mean(r["pres_dloss"] for r in sub), mean(r["probe_kl"] for r in sub),
-                          mean(r["probe_rms"] for r in sub), mean(r["probe_escape"] for r in sub)])
+        for i, (s, _) in enumerate(fin):
+            col = lambda c: per_cell(rows, regime, s, c, cells)  # noqa: E731
+            gap = diff_ci(col("final_loss"), per_cell(rows, regime, best, "final_loss", cells)) if s != best else None
+            table.append([s, i + 1, ci_text(*mean_ci(col("final_loss"))), "-" if gap is None else ci_text(*gap),
+                          auc_rank.index(s) + 1, ci_text(*mean_ci(col("auc"))),
+                          ci_text(*mean_ci(col("probe_loss"))), fmt(np.nanmean(col("pres_kl")), 2),
+                          fmt(np.nanmean(col("escape0")), 3), fmt(np.nanmean(col("probe_escape")), 3),
+                          fmt(np.nanmean(col("probe_rms")), 3)])
         L += [f"### {regime} regime", "",
-              md_table(["strategy", f"rank @{p.probe_lag}", "probe_loss", f"rank @{p.continuation}",
-                        "final_loss", "auc", "pres_kl", "pres_dloss", "probe_kl", "probe_rms", "probe_escape"],
+              md_table(["candidate", "rank (final)", "final_loss", "gap to best", "rank (AUC)", "auc",
+                        f"probe_loss @{p.probe_lag}", "pres_kl", "escape0", f"update escape @{p.probe_lag}",
+                        f"rel. update RMS @{p.probe_lag}"], table), ""]
+
+    sched = [c for c in cands if c.group == "schedule"]
+    if sched:
+        L += ["## Continue vs re-warm", "",
+              f"The same grown model continued on the base run's {p.schedule} schedule, or with the "
+              f"schedule re-warmed linearly over {p.rewarm_steps} steps: re-warmed minus continued, paired "
+              f"over cells (negative: re-warming helps).", ""]
+        table = []
+        for regime in p.regimes:
+            for c in sched:
+                d_f = diff_ci(per_cell(rows, regime, c.name, "final_loss", cells),
+                              per_cell(rows, regime, c.strategy, "final_loss", cells))
+                d_a = diff_ci(per_cell(rows, regime, c.name, "auc", cells),
+                              per_cell(rows, regime, c.strategy, "auc", cells))
+                table.append([regime, c.strategy, ci_text(*d_f), ci_text(*d_a)])
+        L += [md_table(["regime", "strategy", "final_loss, rewarm - continue", "auc, rewarm - continue"],
                        table), ""]
 
-    L += ["## Selectors", "",
-          "Spearman rank correlation of each selector with `final_loss`, over all candidates x "
-          "checkpoints x seeds of a regime (positive: a larger selector value goes with a worse final "
-          "loss).", ""]
-    L += [md_table(["selector"] + list(p.regimes), [[sel] + [corr[r][sel] for r in p.regimes] for sel in SELECTORS]),
-          ""]
-    L += ["## Comparison with the paper", "", comparison(rows, p, ranks, corr), ""]
+    noise = sorted({r["noise"] for r in rows if r["strategy"] in ("perturb", "perturb_np") and r["noise"]} |
+                   {0.01})
+    if any(c.group == "noise" for c in cands) and "exact_copy" in main:
+        L += ["## Noise scale of perturb", "",
+              "Deterministic regime. perturb adds relative noise of the given scale to the clones, "
+              "antithetic (function preserving) or not; differences to exact_copy (the same clones "
+              "without noise), paired over cells.", ""]
+        table = []
+        ref = per_cell(rows, "deterministic", "exact_copy", "final_loss", cells)
+        for s in ("perturb", "perturb_np"):
+            for nz in noise:
+                name = s if nz == 0.01 else f"{s}@{nz:g}"
+                col = lambda c: per_cell(rows, "deterministic", name, c, cells)  # noqa: E731
+                if np.isnan(col("final_loss")).all():
+                    continue
+                table.append([s, nz, ci_text(*mean_ci(col("final_loss"))),
+                              ci_text(*diff_ci(col("final_loss"), ref)), fmt(np.nanmean(col("pres_kl")), 2),
+                              fmt(np.nanmean(col("escape0")), 3), fmt(np.nanmean(col("probe_escape")), 3)])
+        L += [md_table(["strategy", "noise", "final_loss", "minus exact_copy", "pres_kl", "escape0",
+                        f"update escape @{p.probe_lag}"], table), ""]
 
-    L += ["## Final loss per checkpoint", "", "Mean over seeds.", ""]
+    L += ["## Selectors", "",
+          "Spearman rank correlation of each selector with the final loss (and the AUC) over the main "
+          "candidates: within each cell (base model x checkpoint; the mean over cells with its "
+          "bootstrap CI) and pooled over all cells, for the paper's four families "
+          f"({', '.join(s for s in main if s in PAPER_FAMILIES)}) and for all main candidates. Positive: "
+          "a larger selector value goes with a worse loss. The paper's pool has only the four families; "
+          "szp and scratch, far worse than the rest, make pooled correlations easy.", ""]
     for regime in p.regimes:
         table = []
-        for s in p.strategies:
-            table.append([s] + [mean(r["final_loss"] for r in rows if r["regime"] == regime
-                                     and r["strategy"] == s and r["checkpoint"] == c) for c in p.checkpoints])
-        L += [f"### {regime} regime", "", md_table(["strategy"] + [f"ckpt {c}" for c in p.checkpoints], table), ""]
+        four = [s for s in main if s in PAPER_FAMILIES]
+        for target in ("final_loss", "auc"):
+            t4, ta = selector_table(rows, regime, four, target), selector_table(rows, regime, main, target)
+            for sel in SELECTORS:
+                table.append([target, sel, ci_text(t4[sel].within, t4[sel].within_lo, t4[sel].within_hi, 2),
+                              fmt(t4[sel].pooled, 2), ci_text(ta[sel].within, ta[sel].within_lo, ta[sel].within_hi, 2),
+                              fmt(ta[sel].pooled, 2)])
+        L += [f"### {regime} regime", "",
+              md_table(["target", "selector", "within, four families", "pooled, four", "within, all main",
+                        "pooled, all"], table), ""]
 
-    L += plots_section(plots, "`curves_<regime>.png`: val loss after growth per strategy (mean over seeds; the dotted "
-              "line marks the probe lag, the dashed one the base model; candidates off the zoomed scale "
-              "are named in the panel), and below it each candidate's gap to the best one at that step "
-              "(symlog); the legend names curves that coincide with another within 1e-4 nats. "
-              "`selectors.png`: each selector "
-              "against the final loss, per regime.")
-    L += ["", f"Rows: `results.csv` ({len(rows)} rows: candidate x regime x checkpoint x seed); each run's "
-          f"curve and config: `runs/<key>.json`."]
+    L += plots_section(plots, "`curves_<regime>.png`: val loss after growth per main candidate (mean over "
+                       "cells; the dotted line marks the probe lag, the dashed one the base model; candidates "
+                       "off the zoomed scale are named in the panel), and below it each candidate's gap to the "
+                       "best one at that step (symlog); the legend names curves that coincide with another "
+                       "within 1e-4 nats. `selectors.png`: each selector against the final loss, per regime.")
+    L += ["", f"Rows: `results.csv` ({len(rows)} rows: candidate x regime x base model x checkpoint); each "
+          f"run's curve and config: `runs/<key>.json`."]
     files.append(write_text(out / "report.md", "\n".join(L) + "\n"))
     return files
