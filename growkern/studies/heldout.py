@@ -23,6 +23,19 @@ def heldout_windows(corpus, block_size: int, batch_size: int, n_batches: int) ->
     return data_mod.eval_batches(corpus.valid, block_size, batch_size, n_batches)
 
 
+_DATA: dict = {}  # per process: (data, vocab, cache, windows) -> (corpus, windows)
+
+
+def study_data(p, data, cache_dir):
+    """The corpus and held-out windows of preset `p`, loaded once per process (a study's
+    worker processes run many units on the same data)."""
+    key = (str(data), p.vocab_size, str(cache_dir), p.block_size, p.eval_batch_size, p.eval_batches)
+    if key not in _DATA:
+        corpus = load_corpus(data, p.vocab_size, cache_dir)
+        _DATA[key] = corpus, heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
+    return _DATA[key]
+
+
 def val_loss(model, windows) -> float:
     """Mean next-token cross entropy (nats/token) on the windows, in float32 (no autocast)."""
     return train_mod.evaluate(model, windows, dtype=None)

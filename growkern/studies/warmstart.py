@@ -23,8 +23,8 @@ from ..model import GPTConfig
 from ..plan import plan_growth
 from ..widen import widen_
 from .cache import RunStore, atomic_write_json, check_output, config_key
-from .heldout import (frozen_copy, heldout_kl, heldout_windows, load_corpus, param_snapshot,
-                      resolve_device, torch_threads, val_loss)
+from .heldout import (frozen_copy, heldout_kl, param_snapshot, resolve_device, study_data, torch_threads,
+                      val_loss)
 from .pool import default_workers, run_units
 from .presets import REGIMES, WARMSTART_STRATEGIES, default_data, get_preset, preset_dict
 from .progress import Progress, fmt_seconds
@@ -140,17 +140,6 @@ def continuation_config(base: train_mod.TrainConfig, p, regime: str, base_seed: 
     if regime == "deterministic":
         return base.replace(progress=False)
     return base.replace(regime="stochastic", dropout=p.dropout, salt=1 + base_seed, progress=False)
-
-
-_DATA: dict = {}  # per process: (data, vocab, cache) -> (corpus, windows)
-
-
-def study_data(p, data, cache_dir):
-    key = (str(data), p.vocab_size, str(cache_dir), p.block_size, p.eval_batch_size, p.eval_batches)
-    if key not in _DATA:
-        corpus = load_corpus(data, p.vocab_size, cache_dir)
-        _DATA[key] = corpus, heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
-    return _DATA[key]
 
 
 def run_candidate(ckpt_path, p, cand: Candidate, regime: str, base_seed: int, data, cache_dir,
