@@ -10,8 +10,10 @@ number of workers or on the order in which units finish.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Iterable
 
@@ -25,6 +27,10 @@ def default_workers(device: torch.device) -> int:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    try:  # Linux: end with the study process, not after the unit it was running
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_units(units: Iterable[tuple], fn: Callable, *, workers: int = 1, threads: int = 1,
