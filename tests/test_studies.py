@@ -200,17 +200,20 @@ def test_warmstart_curve_plot_shows_every_candidate(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def growth(tmp_path_factory):
     out = tmp_path_factory.mktemp("growth")
-    return out, run_growth_factor("smoke", out, data=REAL, progress=False)
+    return out, run_growth_factor("smoke", out, data=REAL, progress=False, workers=2)
 
 
 def test_growth_factor_outputs(growth):
     out, res = growth
     columns, rows = read_csv(out / "results.csv")
     assert tuple(columns) == growth_factor.COLUMNS
-    assert len(rows) == 3 * 2
-    assert {(r["factor"], r["budget"]) for r in rows} == {(g, b) for g in ("1.5", "2", "4") for b in ("1", "2")}
+    assert len(rows) == 3 * 2 * 2  # factors x budgets x seeds
+    assert {(r["factor"], r["budget"], r["seed"]) for r in rows} == {
+        (g, b, s) for g in ("1.5", "2", "4") for b in ("1", "2") for s in ("0", "1")}
     for r in rows:
-        assert r["strategy"] == "szp"
+        assert r["strategy"] == "szp" and r["growth_seed"] == "0"
+        assert r["parameterization"] == "mup" and r["mup_base_width"] == "24"  # one base width: the target's
+        assert float(r["param_ratio"]) == pytest.approx(int(r["params_target"]) / int(r["params_small"]))
         assert float(r["speedup"]) > 0
         assert r["speedup_text"] == (f"{float(r['speedup']):.2f}" if r["speedup_exact"] == "True"
                                      else f">{float(r['speedup']):.2f}")
@@ -218,21 +221,89 @@ def test_growth_factor_outputs(growth):
         assert abs(int(r["small_tokens"]) - float(r["budget"]) * int(r["params_small"])) <= 128
         assert abs(int(r["grown_tokens"]) - float(r["budget"]) * int(r["params_target"])) <= 128
     assert {r["small_d_model"] for r in rows} == {"16", "12", "6"}  # d_model / g at head_dim 2
+    # the parameter ratio grows faster than the width ratio (~g^2 for the hidden matrices)
+    ratio = {r["factor"]: float(r["param_ratio"]) for r in rows}
+    assert 1.5 < ratio["1.5"] < ratio["2"] < ratio["4"] and ratio["4"] > 4 * 2
+    # the seeds differ (init and data order), the growth noise does not
+    by = {(r["factor"], r["budget"], r["seed"]): r for r in rows}
+    assert by[("2", "2", "0")]["loss_small"] != by[("2", "2", "1")]["loss_small"]
     _, scratch = read_csv(out / "scratch_curve.csv")
+    assert {r["seed"] for r in scratch} == {"0", "1"}
     total = max(float(r["total_flops"]) for r in rows)
-    assert float(scratch[-1]["flops"]) >= 2 * total * (1 - 1e-9)  # twice the largest grown run
+    for seed in ("0", "1"):
+        last = [r for r in scratch if r["seed"] == seed][-1]
+        assert float(last["flops"]) >= 2 * total * (1 - 1e-9)  # twice the largest grown run
+    columns, summary = read_csv(out / "summary.csv")
+    assert len(summary) == 3 * 2
+    for s in summary:
+        sub = [float(r["speedup"]) for r in rows if (r["factor"], r["budget"]) == (s["factor"], s["budget"])]
+        assert s["n_seeds"] == "2" and s["ci_method"] == "t"
+        assert float(s["speedup_mean"]) == pytest.approx(sum(sub) / 2)
+        assert float(s["speedup_lo"]) <= min(sub) and float(s["speedup_hi"]) >= max(sub)
     report = (out / "report.md").read_text()
-    for text in ("preset `smoke`", "## Speedup", "| g \\ r |", "Largest growth factor", "wall time",
-                 "budgets r: 1, 2", "growth factors g: 1.5, 2, 4"):
+    for text in ("preset `smoke`", "## Speedup", "| g (width) | N/N_s (params) |", "Largest growth factor",
+                 "wall time", "budgets r: 1, 2", "growth factors g (width ratio): 1.5, 2, 4", "## Findings",
+                 "muP, base width 24", "Student t", "paper: growth pays off (speedup > 1) at g = 2",
+                 "paper: the speedup diminishes as the budget grows",
+                 "paper: there is an upper bound on g beyond which growth does not pay"):
         assert text in report, text
+    verdicts = [line for line in report.splitlines() if line.startswith("- **")]
+    assert len(verdicts) == 6 and all(line.split("**")[1] in ("agree", "disagree", "inconclusive")
+                                      for line in verdicts)
+    assert "partial report" not in report
     if HAVE_MPL:
         for name in ("speedup_vs_g.png", "loss_vs_compute.png"):
             assert_png(out / name)
 
 
+def test_growth_factor_runs_are_mup_with_the_targets_base_width(growth):
+    """Every model of the study, small or grown or scratch, is muP with base width = the
+    target's d_model; szp restarts the schedule (the strategy's default)."""
+    out, _ = growth
+    import json
+    kinds = {}
+    for f in (out / "runs").glob("*.json"):
+        cfg = json.loads(f.read_text())["config"]
+        kinds.setdefault(cfg["kind"], []).append(cfg)
+    assert len(kinds["gf-grown"]) == 12 and len(kinds["gf-scratch-result"]) == 2 * 2  # seeds x budget segments
+    for cfg in kinds["gf-grown"]:
+        assert cfg["target"]["parameterization"] == "mup" and cfg["target"]["mup_base_width"] == 24
+        assert cfg["growth_schedule"] is None and cfg["strategy"] == "szp" and cfg["growth_seed"] == 0
+    ckpts = list((out / "cache" / "small").glob("*/step-*"))
+    assert ckpts
+    from growkern import checkpoint as ckpt_mod
+    ck = ckpt_mod.load(ckpts[0])
+    assert ck.model.config.parameterization == "mup" and ck.model.config.mup_base_width == 24
+    assert ck.model.config.d_model < 24
+
+
+def test_growth_factor_findings_known_answers():
+    """The verdicts on synthetic speedups: two seeds that agree closely."""
+    from growkern.studies.growth_factor_report import findings, summarize
+    factors, budgets, seeds = (1.5, 2, 4), (5, 10, 20, 40), (0, 1)
+    sp = {1.5: 1.6, 2: 1.5, 4: 0.7}  # pays at 1.5 and 2, not at 4
+    rows = [{"factor": g, "budget": r, "seed": s, "param_ratio": g * g, "speedup_exact": True,
+             "speedup": sp[g] - 0.1 * math.log2(r / 5) + 0.01 * s, "final_loss": 2.0,
+             "speedup_text": "x"} for g in factors for r in budgets for s in seeds]
+    got = {f.paper: f for f in findings(rows, factors, budgets, seeds)}
+    assert got["growth pays off (speedup > 1) at g = 2"].verdict == "agree"
+    slope = got["the speedup diminishes as the budget grows"]
+    assert slope.verdict == "agree" and slope.estimate == pytest.approx(-0.1)
+    assert got["there is an upper bound on g beyond which growth does not pay (speedup < 1)"].verdict == "agree"
+    assert all(f.n == 2 for f in got.values())
+    summary = summarize(rows, factors, budgets)
+    cell = next(x for x in summary if x["factor"] == 2 and x["budget"] == 5)
+    assert cell["speedup_mean"] == pytest.approx(1.505) and cell["speedup_lo"] < 1.5 < 1.51 < cell["speedup_hi"]
+    # seeds that disagree widely: inconclusive, not agree
+    noisy = [{**x, "speedup": x["speedup"] + (0.8 if x["seed"] else -0.8)} for x in rows]
+    got = {f.paper: f for f in findings(noisy, factors, budgets, seeds)}
+    assert got["growth pays off (speedup > 1) at g = 2"].verdict == "inconclusive"
+
+
 def test_speedup_of_a_run_against_itself_is_one(growth):
     out, _ = growth
     _, scratch = read_csv(out / "scratch_curve.csv")
+    scratch = [r for r in scratch if r["seed"] == "0"]
     flops = [float(r["flops"]) for r in scratch]
     losses = [float(r["val_loss"]) for r in scratch]
     k = losses.index(min(losses))  # a point of the curve that no earlier point reaches
@@ -249,23 +320,25 @@ def test_growth_factor_rerun_and_resume(growth, monkeypatch):
     before = (out / "results.csv").read_text()
     with monkeypatch.context() as m:
         no_training(m)
-        res = run_growth_factor("smoke", out, data=REAL, progress=False)
+        res = run_growth_factor("smoke", out, data=REAL, progress=False, workers=1)
         assert (res.computed, res.train_steps) == (0, 0)
     assert (out / "results.csv").read_text() == before
     # a lost grown run is recomputed alone, from the kept small-model checkpoint
     _, rows = read_csv(out / "results.csv")
-    row = next(r for r in rows if r["factor"] == "2" and r["budget"] == "2")
+    row = next(r for r in rows if r["factor"] == "2" and r["budget"] == "2" and r["seed"] == "1")
     (out / "runs" / f"{row['key']}.json").unlink()
-    res = run_growth_factor("smoke", out, data=REAL, progress=False)
+    res = run_growth_factor("smoke", out, data=REAL, progress=False, workers=1)
     assert res.computed == 1 and res.train_steps == int(row["grown_steps"])
     _, again = read_csv(out / "results.csv")
     new = next(r for r in again if r["key"] == row["key"])
-    assert new["final_loss"] == row["final_loss"]  # deterministic: the same run again
+    assert new["final_loss"] == row["final_loss"]  # deterministic: the same run again, in another process
+    assert new["speedup"] == row["speedup"]
 
 
 def test_growth_exact_strategy_preserves_at_non_integer_factors(tmp_path):
-    """RMSNorm makes exact_copy growth exact at g = 1.5 too (zero-padded residual)."""
+    """RMSNorm makes exact_copy growth exact at g = 1.5 too (zero-padded residual), also
+    under muP (the output multiplier is compensated)."""
     res = run_growth_factor("smoke", tmp_path, data=REAL, progress=False, strategy="exact_copy",
-                            budgets=(1,))
+                            budgets=(1,), seeds=(0,), workers=1)
     for r in res.rows:
         assert r["loss_after_growth"] == pytest.approx(r["loss_small"], abs=1e-5), r["factor"]

@@ -1,19 +1,25 @@
 """Study 2, `study growth-factor`: which growth factor pays off (docs/studies.md).
 
-For each growth factor g and budget r (tokens per target non-embedding parameter) a
-small model of width d_model/g (fixed head_dim) trains on r N_s tokens, is grown to the
-target with the preset's strategy (default szp) and continues for r N tokens. One
-scratch run of the target, at scratch_factor (2) times the largest grown run's compute,
-gives the reference curve; the speedup of (g, r) reads the compute scratch needs to
-reach the grown run's final val loss off the part of that curve within 2x the grown
-run's own compute. All runs share the data order, AdamW (betas 0.9/0.95) and a
-constant-after-warmup LR, so every shorter run is exactly a prefix of a longer one:
-the small models of all budgets are one run per g (checkpoints at r N_s tokens), and
-the scratch run for a grown run is the prefix of the one long scratch run."""
+For each growth factor g (width ratio; fixed head_dim), budget r (tokens per target
+non-embedding parameter) and seed, a small model of width d_model/g trains on r N_s
+tokens, is grown to the target with the preset's strategy (default szp, the paper's
+operator: muP shrink, zero-pad, muP-init perturbation, fresh optimizer state, schedule
+restarted) and continues for r N tokens. Every model is muP with one base width (the
+target's d_model), so the LR means the same at every width. One scratch run of the
+target per seed, at scratch_factor (2) times the largest grown run's compute, gives the
+reference curve; the speedup of (g, r, seed) reads the compute scratch needs to reach
+the grown run's final val loss off the part of that seed's curve within 2x the grown
+run's own compute. All runs use AdamW (betas 0.9/0.95) and a constant-after-warmup LR,
+so every shorter run is exactly a prefix of a longer one: the small models of all
+budgets are one run per (g, seed) (checkpoints at r N_s tokens), and the scratch run
+of a grown run is the prefix of its seed's long scratch run. Independent runs go to
+worker processes (pool.run_units): the small models first, then the scratch and grown
+runs, longest first."""
 from __future__ import annotations
 
 import math
 import shlex
+from dataclasses import replace
 import shutil
 import sys
 import time
@@ -27,28 +33,36 @@ from ..plan import plan_growth
 from ..widen import widen_
 from .cache import RunStore, atomic_write_json, check_output, config_key
 from .heldout import heldout_windows, load_corpus, resolve_device, torch_threads, val_loss
+from .pool import default_workers, run_units
 from .presets import default_data, get_preset, preset_dict
 from .progress import Progress, fmt_seconds
 from .runs import checkpointed_run, existing_checkpoints, fresh_start
 from .warmstart import StudyResult
 
+# What a growth-factor result means; part of every run's cache key (2: muP, seeds, the
+# paper's szp with its restart, d_ff = ff_mult d_model).
+PROTOCOL = 2
 # A constant schedule ignores its horizon; one fixed value keeps all runs' configs, and
 # so their cache keys, independent of their lengths.
 HORIZON = 10**9
-COLUMNS = ("factor", "budget", "strategy", "small_d_model", "small_n_head", "small_d_ff", "params_small",
-           "params_target", "small_steps", "grown_steps", "small_tokens", "grown_tokens", "small_flops",
-           "total_flops", "loss_small", "loss_after_growth", "final_loss", "scratch_flops_to_match",
-           "speedup", "speedup_exact", "speedup_text", "seconds", "key")
+COLUMNS = ("factor", "param_ratio", "budget", "seed", "growth_seed", "strategy", "parameterization",
+           "mup_base_width", "small_d_model", "small_n_head", "small_d_ff", "params_small", "params_target",
+           "small_steps", "grown_steps", "small_tokens", "grown_tokens", "small_flops", "total_flops",
+           "loss_small", "loss_after_growth", "final_loss", "scratch_flops_to_match", "speedup",
+           "speedup_exact", "speedup_text", "seconds", "key")
 
 
 def validate(p) -> None:
     def need(cond, msg):
         if not cond:
             raise ValueError(f"growth-factor preset {p.name!r}: {msg}")
-    need(len(p.factors) >= 1 and all(g >= 1 for g in p.factors), f"factors must be >= 1, got {p.factors}")
+    need(len(p.factors) >= 1 and all(g > 1 for g in p.factors), f"factors must be > 1, got {p.factors}")
     need(len(p.budgets) >= 1 and all(r > 0 for r in p.budgets), f"budgets must be > 0, got {p.budgets}")
+    need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds), f"seeds must be distinct, got {p.seeds}")
     need(p.scratch_factor >= 1, f"scratch_factor must be >= 1, got {p.scratch_factor}")
     need(p.eval_every >= 1, f"eval_every must be >= 1, got {p.eval_every}")
+    need(p.ff_mult >= 1, f"ff_mult must be >= 1, got {p.ff_mult}")
+    need(p.parameterization in ("sp", "mup"), f"parameterization must be sp or mup, got {p.parameterization!r}")
     for g in p.factors:
         heads = p.n_head / g
         need(abs(heads - round(heads)) < 1e-9 and round(heads) >= 1,
@@ -58,22 +72,24 @@ def validate(p) -> None:
 
 def target_config(p, vocab_size: int) -> GPTConfig:
     d = p.d_model
+    mup = dict(parameterization="mup", mup_base_width=p.base_width) if p.parameterization == "mup" else {}
     return GPTConfig(vocab_size=vocab_size, block_size=p.block_size, n_layer=p.n_layer, n_head=p.n_head,
-                     d_model=d, d_ff=4 * d, norm="rmsnorm")
+                     d_model=d, d_ff=p.ff_mult * d, norm="rmsnorm", **mup)
 
 
 def small_config(target: GPTConfig, p, g: float) -> GPTConfig:
-    """Width d_model/g at fixed head_dim: heads n_head/g, d_ff 4 d_model/g."""
+    """Width d_model/g at fixed head_dim: heads n_head/g, d_ff ff_mult d_model/g; under muP
+    the same base width as the target (so its width multiplier is 1/g)."""
     heads = round(p.n_head / g)
     d = heads * p.head_dim
-    return target.replace(n_head=heads, n_kv_head=heads, d_model=d, d_ff=4 * d)
+    return target.replace(n_head=heads, n_kv_head=heads, d_model=d, d_ff=p.ff_mult * d)
 
 
-def train_config(p) -> train_mod.TrainConfig:
+def train_config(p, seed: int) -> train_mod.TrainConfig:
     return train_mod.TrainConfig(
         steps=HORIZON, batch_size=p.batch_size, block_size=p.block_size, lr=p.lr, min_lr=p.lr,
         warmup=p.warmup, schedule="constant", weight_decay=p.weight_decay, betas=(0.9, 0.95),
-        eval_every=0, regime="deterministic", seed=p.seed, progress=False)
+        eval_every=0, regime="deterministic", seed=seed, progress=False)
 
 
 def _sizes(cfg: GPTConfig, block_size: int) -> tuple[int, float]:
@@ -105,18 +121,94 @@ def speedup_text(value: float, exact: bool) -> str:
     return f"{value:.2f}" if exact else f">{value:.2f}"
 
 
-def _grow_start(small_ckpt, target: GPTConfig, p, tokens, windows, device):
-    """init() of a grown run: the small model's checkpoint grown to the target."""
+# --- the units: top-level functions that read their inputs from disk, so they run in ---
+# --- worker processes (pool.run_units) as well as here ----------------------------------
+
+_DATA: dict = {}  # per process: the corpus and held-out windows
+
+
+def _study_data(p, data, cache_dir):
+    key = (str(data), p.vocab_size, str(cache_dir), p.block_size, p.eval_batch_size, p.eval_batches)
+    if key not in _DATA:
+        corpus = load_corpus(data, p.vocab_size, cache_dir)
+        _DATA[key] = corpus, heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
+    return _DATA[key]
+
+
+def _logger(label: str | None):
+    if not label:
+        return None
+    return lambda msg: print(f"[growth-factor] {label}:{msg}", file=sys.stderr, flush=True)
+
+
+def _run(p, root, init, save_steps, corpus, windows, device, tokenizer, label, counter):
+    return checkpointed_run(root, init=init, tokens=corpus.train, windows=windows, save_steps=save_steps,
+                            eval_every=p.eval_every, keep_every=p.keep_every, device=device,
+                            tokenizer=tokenizer, log=_logger(label), counter=counter)
+
+
+def train_small(p, g: float, seed: int, root, save_steps, data, cache_dir, device, tokenizer, label=None) -> dict:
+    """The small model of (g, seed): checkpoints at every budget's r N_s tokens (trains only
+    the missing ones). Returns {"ckpts": {step: {"path", "curve"}}, "steps", "seconds"}."""
+    t0 = time.perf_counter()
+    corpus, windows = _study_data(p, data, cache_dir)
+    dev = resolve_device(device)
+    scfg = small_config(target_config(p, corpus.vocab_size), p, g)
+    tcfg = train_config(p, seed)
+    counter = {"steps": 0}
+    done = _run(p, Path(root), lambda: fresh_start(scfg, tcfg, corpus.train, windows, dev, seed), save_steps,
+                corpus, windows, dev, tokenizer, label, counter)
+    return {"ckpts": {s: {"path": str(i["path"]), "curve": i["curve"]} for s, i in done.items()},
+            "steps": counter["steps"], "seconds": time.perf_counter() - t0}
+
+
+def train_grown(p, g: float, r: float, seed: int, small_path, small_curve, small_steps: int, grown_steps: int,
+                root, data, cache_dir, device, tokenizer, label=None) -> dict:
+    """Grow the small model's checkpoint to the target and continue it for grown_steps."""
+    t0 = time.perf_counter()
+    corpus, windows = _study_data(p, data, cache_dir)
+    dev = resolve_device(device)
+    target = target_config(p, corpus.vocab_size)
+
     def init():
-        ck = ckpt_mod.load(small_ckpt, device=device)
+        ck = ckpt_mod.load(small_path, device=dev)
         ck.restore_rng()
         model, opt, sched = ck.model, ck.optimizer, ck.scheduler
         plan = plan_growth(model.config, d_model=target.d_model, d_ff=target.d_ff, n_head=target.n_head,
-                           strategy=p.strategy, seed=p.seed, **dict(p.strategy_options))
-        widen_(model, opt, sched, plan=plan, schedule="continue")
-        batches = ck.batches(tokens)  # the data stream goes on where the small model stopped
+                           strategy=p.strategy, seed=p.growth_seed, **dict(p.strategy_options))
+        widen_(model, opt, sched, plan=plan, schedule=p.growth_schedule)
+        batches = ck.batches(corpus.train)  # the data stream goes on where the small model stopped
         return model, opt, sched, batches, ck.train_config, ck.step, [[ck.step, val_loss(model, windows)]]
-    return init
+
+    counter = {"steps": 0}
+    end = small_steps + grown_steps
+    root = Path(root)
+    done = _run(p, root, init, [end], corpus, windows, dev, tokenizer, label, counter)
+    res = {"factor": g, "budget": r, "seed": seed, "growth_seed": p.growth_seed, "strategy": p.strategy,
+           "small_curve": small_curve,
+           "grown_curve": [c for c in done[end]["curve"] if c[0] >= small_steps],
+           "train_steps": counter["steps"], "seconds": time.perf_counter() - t0}
+    shutil.rmtree(root, ignore_errors=True)  # the result is all a later call needs
+    return res
+
+
+def train_scratch(p, seed: int, steps: int, root, data, cache_dir, device, tokenizer, label=None) -> dict:
+    """The target from scratch for `steps` steps (a longer run's prefix when there is one)."""
+    t0 = time.perf_counter()
+    corpus, windows = _study_data(p, data, cache_dir)
+    dev = resolve_device(device)
+    root = Path(root)
+    counter = {"steps": 0}
+    longer = {s: c for s, c in existing_checkpoints(root).items() if s >= steps}
+    if longer:  # a longer scratch run is there: its prefix is this one
+        curve = [c for c in longer[min(longer)] if c[0] <= steps]
+    else:
+        target, tcfg = target_config(p, corpus.vocab_size), train_config(p, seed)
+        done = _run(p, root, lambda: fresh_start(target, tcfg, corpus.train, windows, dev, seed), [steps],
+                    corpus, windows, dev, tokenizer, label, counter)
+        curve = done[steps]["curve"]
+    return {"seed": seed, "curve": curve, "steps": steps, "train_steps": counter["steps"],
+            "seconds": time.perf_counter() - t0}
 
 
 def _command(preset_name, out) -> str:
@@ -126,10 +218,13 @@ def _command(preset_name, out) -> str:
 
 def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", threads=None,
                       progress: bool = True, command: str | None = None, force: bool = False,
-                  workers: int | None = None, **overrides) -> StudyResult:
-    """Run (or finish, or re-report) the growth-factor study into `out`: results.csv,
-    scratch_curve.csv, report.md and PNG plots. `overrides` replace preset fields
-    (e.g. strategy="exact_copy", budgets=(5, 10))."""
+                      workers: int | None = None, **overrides) -> StudyResult:
+    """Run (or finish, or re-report) the growth-factor study into `out`: results.csv (one
+    row per (g, r, seed)), summary.csv (per (g, r): mean speedup over seeds and its CI),
+    scratch_curve.csv, report.md (with the verdicts on the paper's findings) and PNG
+    plots. `overrides` replace preset fields (e.g. strategy="exact_copy", budgets=(5, 10)).
+    `workers`: processes for independent runs (default pool.default_workers: every core
+    on a CPU, one on a GPU); results do not depend on it."""
     from .growth_factor_report import write_report
 
     p = get_preset("growth-factor", preset, **overrides)
@@ -139,164 +234,215 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    with torch_threads(threads or p.threads):
-        corpus = load_corpus(data, p.vocab_size, out / "cache" / "corpus")
+    workers = workers or default_workers(dev)
+    n_threads = threads or p.threads
+    cache_dir = out / "cache" / "corpus"
+    with torch_threads(n_threads):
+        corpus, windows = _study_data(p, data, cache_dir)
         check_output(out, "growth-factor", preset_dict(p), corpus.key, force=force)
-        windows = heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
         tokref = ckpt_mod.tokenizer_ref(corpus)
         target = target_config(p, corpus.vocab_size)
-        tcfg = train_config(p)
         tps = p.batch_size * p.block_size
         n_target, fpt_target = _sizes(target, p.block_size)
         heldout = [p.eval_batch_size, p.eval_batches]
-        common = {"train": {k: v for k, v in tcfg.to_dict().items() if k != "progress"},
-                  "data": corpus.key, "heldout": heldout, "eval_every": p.eval_every}
         store = RunStore(out / "runs")
 
-        # --- the plan: small runs per g, grown runs per (g, r), one scratch run ---------
+        def common(seed):
+            tcfg = train_config(p, seed)
+            return {"protocol": PROTOCOL, "train": {k: v for k, v in tcfg.to_dict().items() if k != "progress"},
+                    "data": corpus.key, "heldout": heldout, "eval_every": p.eval_every}
+
+        # --- the plan: small runs per (g, seed), grown runs per (g, r, seed), scratch per seed
         smalls, grown = {}, []
         for g in p.factors:
             scfg = small_config(target, p, g)
             n_small, fpt_small = _sizes(scfg, p.block_size)
-            key = config_key({"kind": "gf-small", "gpt": scfg.to_dict(), **common})
-            smalls[g] = {"cfg": scfg, "params": n_small, "fpt": fpt_small, "key": key,
-                         "steps": {r: steps_for(r * n_small, tps) for r in p.budgets}}
-            for r in p.budgets:
-                s_steps, c_steps = smalls[g]["steps"][r], steps_for(r * n_target, tps)
-                cfg = {"kind": "gf-grown", "small": key, "small_steps": s_steps, "target": target.to_dict(),
-                       "strategy": p.strategy, "strategy_options": dict(p.strategy_options),
-                       "grown_steps": c_steps, **common}
-                small_flops = float(s_steps * tps * fpt_small)
-                total = small_flops + float(c_steps * tps * fpt_target)
-                grown.append({"g": g, "r": r, "cfg": cfg, "key": config_key(cfg), "small_steps": s_steps,
-                              "grown_steps": c_steps, "small_flops": small_flops, "total_flops": total})
-        max_total = max(x["total_flops"] for x in grown)
-        scratch_steps = math.ceil(p.scratch_factor * max_total / (tps * fpt_target))
-        scratch_root_key = config_key({"kind": "gf-scratch", "gpt": target.to_dict(), **common})
-        scratch_cfg = {"kind": "gf-scratch-result", "run": scratch_root_key, "steps": scratch_steps}
-        scratch_key = config_key(scratch_cfg)
+            steps = {r: steps_for(r * n_small, tps) for r in p.budgets}
+            for seed in p.seeds:
+                key = config_key({"kind": "gf-small", "gpt": scfg.to_dict(), **common(seed)})
+                smalls[(g, seed)] = {"g": g, "seed": seed, "cfg": scfg, "params": n_small, "fpt": fpt_small,
+                                     "key": key, "steps": steps, "root": out / "cache" / "small" / key}
+                for r in p.budgets:
+                    s_steps, c_steps = steps[r], steps_for(r * n_target, tps)
+                    cfg = {"kind": "gf-grown", "small": key, "small_steps": s_steps, "target": target.to_dict(),
+                           "strategy": p.strategy, "strategy_options": dict(p.strategy_options),
+                           "growth_schedule": p.growth_schedule, "growth_seed": p.growth_seed,
+                           "grown_steps": c_steps, **common(seed)}
+                    small_flops = float(s_steps * tps * fpt_small)
+                    total = small_flops + float(c_steps * tps * fpt_target)
+                    grown.append({"g": g, "r": r, "seed": seed, "cfg": cfg, "key": config_key(cfg),
+                                  "small_steps": s_steps, "grown_steps": c_steps, "small_flops": small_flops,
+                                  "total_flops": total, "work": total - small_flops})
+        # scratch per seed, extended budget by budget: for budgets up to r it needs
+        # scratch_factor x the largest grown run's compute among them (one run; each segment
+        # resumes from the previous one's checkpoint)
+        budgets = sorted(p.budgets)
+        seg_steps = {r: math.ceil(p.scratch_factor * max(x["total_flops"] for x in grown if x["r"] <= r)
+                                  / (tps * fpt_target)) for r in budgets}
+        scratch_steps = seg_steps[budgets[-1]]
+        scratch = {}
+        for seed in p.seeds:
+            root_key = config_key({"kind": "gf-scratch", "gpt": target.to_dict(), **common(seed)})
+            scratch[seed] = {"root": out / "cache" / "scratch" / root_key, "segs": {}}
+            for r in budgets:
+                cfg = {"kind": "gf-scratch-result", "run": root_key, "steps": seg_steps[r]}
+                scratch[seed]["segs"][r] = {"key": config_key(cfg), "cfg": cfg, "steps": seg_steps[r]}
+        prev = {r: ([0] + [seg_steps[b] for b in budgets])[i] for i, r in enumerate(budgets)}
+        seg_work = {r: max(0, seg_steps[r] - prev[r]) * tps * fpt_target for r in budgets}
 
-        def small_missing(s):
-            return not set(s["steps"].values()) <= set(existing_checkpoints(out / "cache" / "small" / s["key"]))
-        small_todo = {g for g, s in smalls.items()
-                      if any(x["g"] == g and not store.has(x["key"]) for x in grown) and small_missing(s)}
         todo = [x for x in grown if not store.has(x["key"])]
-        # ETA weights: the training FLOPs of each unit still to compute
-        small_work = {g: max(s["steps"].values()) * tps * s["fpt"] for g, s in smalls.items()}
-        grown_work = {x["key"]: x["total_flops"] - x["small_flops"] for x in grown}
-        scratch_work = scratch_steps * tps * fpt_target
-        work = (sum(small_work[g] for g in small_todo) + sum(grown_work[x["key"]] for x in todo)
-                + (0 if store.has(scratch_key) else scratch_work))
-        n_units = len(smalls) + len(grown) + 1
-        prog = Progress("growth-factor", n_units, len(small_todo) + len(todo) + (not store.has(scratch_key)),
+        small_todo = [s for k, s in smalls.items()
+                      if any((x["g"], x["seed"]) == k for x in todo)
+                      and not set(s["steps"].values()) <= set(existing_checkpoints(s["root"]))]
+        scratch_todo = [(seed, r) for seed in p.seeds for r in budgets
+                        if not store.has(scratch[seed]["segs"][r]["key"])]
+        small_work = {(s["g"], s["seed"]): max(s["steps"].values()) * tps * s["fpt"] for s in smalls.values()}
+        work = (sum(small_work[(s["g"], s["seed"])] for s in small_todo) + sum(x["work"] for x in todo)
+                + sum(seg_work[r] for _, r in scratch_todo))
+        n_units = len(smalls) + len(grown) + len(p.seeds) * len(budgets)
+        prog = Progress("growth-factor", n_units, len(small_todo) + len(todo) + len(scratch_todo),
                         enabled=progress, work=work)
-        prog.log(f"preset {p.name}: target d_model {target.d_model}, {n_target:,} non-embedding parameters; "
-                 f"{len(p.factors)} factors x {len(p.budgets)} budgets, strategy {p.strategy}; "
-                 f"{len(todo)} of {len(grown)} grown runs to compute; scratch {scratch_steps} steps; output {out}")
+        prog.log(f"preset {p.name}: target d_model {target.d_model}, {n_target:,} non-embedding parameters, "
+                 f"{p.parameterization} (base width {p.base_width}); {len(p.factors)} factors x "
+                 f"{len(p.budgets)} budgets x {len(p.seeds)} seeds, strategy {p.strategy}; "
+                 f"{len(todo)} of {len(grown)} grown runs, {len(small_todo)} small and {len(scratch_todo)} "
+                 f"scratch segments (to {scratch_steps} steps) to compute with {workers} worker(s); output {out}")
         counter = {"steps": 0}
+        label = (lambda what: what) if progress else (lambda what: None)
+        args = (data, cache_dir, str(dev), tokref)
 
-        # --- small models, then the grown runs from their checkpoints ------------------
-        def run(root, init, save_steps):
-            return checkpointed_run(root, init=init, tokens=corpus.train, windows=windows, save_steps=save_steps,
-                                    eval_every=p.eval_every, keep_every=p.keep_every, device=dev,
-                                    tokenizer=tokref, log=prog.log, counter=counter)
+        # --- 1. small models (every checkpoint a grown run still needs) ---------------------
+        s_what = {(s["g"], s["seed"]): f"small g={s['g']:g} seed {s['seed']} (d_model {s['cfg'].d_model}, "
+                                       f"{s['params']:,} params, {max(s['steps'].values())} steps)"
+                  for s in smalls.values()}
 
-        def small_run(s):  # trains only the checkpoints that are missing
-            return run(out / "cache" / "small" / s["key"],
-                       lambda: fresh_start(s["cfg"], tcfg, corpus.train, windows, dev, p.seed),
-                       s["steps"].values())
+        small_seconds = {}  # compute time of the small models trained in this call
 
-        results = {}
-        for g in p.factors:
-            s = smalls[g]
-            what = f"small model g={g:g} (d_model {s['cfg'].d_model}, {s['params']:,} params)"
-            ckpts = None
-            if g in small_todo:
-                t = time.perf_counter()
-                prog.start(f"{what}: {max(s['steps'].values())} steps")
-                ckpts = small_run(s)
-                prog.finish(what, time.perf_counter() - t, work=small_work[g])
-            else:
-                prog.finish(what, None)
-            for x in (x for x in grown if x["g"] == g):
-                what = f"grown g={g:g} r={x['r']:g}"
-                res = store.get(x["key"])
-                if res is None:
-                    t = time.perf_counter()
-                    small = (ckpts or small_run(s))[x["small_steps"]]
-                    prog.start(f"{what}: {x['grown_steps']} steps")
-                    root = out / "cache" / "grown" / x["key"]
-                    end = x["small_steps"] + x["grown_steps"]
-                    done = run(root, _grow_start(small["path"], target, p, corpus.train, windows, dev), [end])
-                    res = {"factor": g, "budget": x["r"], "strategy": p.strategy,
-                           "small_curve": small["curve"],
-                           "grown_curve": [c for c in done[end]["curve"] if c[0] >= x["small_steps"]],
-                           "seconds": time.perf_counter() - t}
-                    store.put(x["key"], x["cfg"], res)
-                    shutil.rmtree(root, ignore_errors=True)  # the result is all a later call needs
-                    prog.finish(what, res["seconds"], f"final {res['grown_curve'][-1][1]:.4f}",
-                                work=grown_work[x["key"]])
-                else:
-                    prog.finish(what, None, f"final {res['grown_curve'][-1][1]:.4f}")
-                results[(g, x["r"])] = res
+        def small_done(k, res):
+            counter["steps"] += res["steps"]
+            small_seconds[k] = res["seconds"]
+            prog.finish(s_what[k], res["seconds"], work=small_work[k])
 
-        # --- the scratch reference ------------------------------------------------------
-        what = f"scratch target ({scratch_steps} steps)"
-        scratch = store.get(scratch_key)
-        if scratch is None:
-            t = time.perf_counter()
-            prog.start(what)
-            root = out / "cache" / "scratch" / scratch_root_key
-            longer = {s: c for s, c in existing_checkpoints(root).items() if s >= scratch_steps}
-            if longer:  # a longer scratch run is there: its prefix is this one
-                curve = [c for c in longer[min(longer)] if c[0] <= scratch_steps]
-            else:
-                done = run(root, lambda: fresh_start(target, tcfg, corpus.train, windows, dev, p.seed),
-                           [scratch_steps])
-                curve = done[scratch_steps]["curve"]
-            scratch = {"curve": curve, "steps": scratch_steps, "seconds": time.perf_counter() - t}
-            store.put(scratch_key, scratch_cfg, scratch)
-            prog.finish(what, scratch["seconds"], f"final {curve[-1][1]:.4f}", work=scratch_work)
-        else:
-            prog.finish(what, None, f"final {scratch['curve'][-1][1]:.4f}")
+        small_todo.sort(key=lambda s: -small_work[(s["g"], s["seed"])])
+        run_units([((s["g"], s["seed"]), (p, s["g"], s["seed"], s["root"], list(s["steps"].values()), *args,
+                                          label(s_what[(s["g"], s["seed"])])))
+                   for s in small_todo], train_small, workers=workers, threads=n_threads or 1,
+                  on_start=lambda k: prog.start(s_what[k]), on_result=small_done)
+        for k in smalls:
+            if smalls[k] not in small_todo:
+                prog.finish(s_what[k], None)
 
-        # --- speedups -------------------------------------------------------------------
-        sc = compute_curve(scratch["curve"], 0, 0.0, tps * fpt_target)
-        s_flops, s_loss = [f for f, _ in sc], [l for _, l in sc]
-        rows = []
-        for x in grown:
-            g, r, res = x["g"], x["r"], results[(x["g"], x["r"])]
-            s = smalls[g]
-            final = res["grown_curve"][-1][1]
-            value, exact = speedup_cell(s_flops, s_loss, x["total_flops"], final, p.scratch_factor)
-            need = metrics.compute_to_reach(s_flops, s_loss, final)
-            curve = (compute_curve(res["small_curve"], 0, 0.0, tps * s["fpt"])
-                     + compute_curve(res["grown_curve"], x["small_steps"], x["small_flops"], tps * fpt_target))
-            rows.append({
-                "factor": g, "budget": r, "strategy": p.strategy, "small_d_model": s["cfg"].d_model,
-                "small_n_head": s["cfg"].n_head, "small_d_ff": s["cfg"].d_ff, "params_small": s["params"],
-                "params_target": n_target, "small_steps": x["small_steps"], "grown_steps": x["grown_steps"],
-                "small_tokens": x["small_steps"] * tps, "grown_tokens": x["grown_steps"] * tps,
-                "small_flops": x["small_flops"], "total_flops": x["total_flops"],
-                "loss_small": res["small_curve"][-1][1], "loss_after_growth": res["grown_curve"][0][1],
-                "final_loss": final, "scratch_flops_to_match": need, "speedup": value, "speedup_exact": exact,
-                "speedup_text": speedup_text(value, exact), "seconds": res["seconds"], "key": x["key"],
-                "curve": curve})
+        def self_rows(done, scratch_res):
+            """results.csv rows for the budgets done: each grown run against its seed's scratch."""
+            curves = {seed: compute_curve(scratch_res[seed]["curve"], 0, 0.0, tps * fpt_target)
+                      for seed in p.seeds}
+            rows = []
+            for x in (x for x in grown if x["r"] in done):
+                g, r, seed, res = x["g"], x["r"], x["seed"], results[x["key"]]
+                s = smalls[(g, seed)]
+                sc = curves[seed]
+                s_flops, s_loss = [f for f, _ in sc], [l for _, l in sc]
+                final = res["grown_curve"][-1][1]
+                value, exact = speedup_cell(s_flops, s_loss, x["total_flops"], final, p.scratch_factor)
+                need = metrics.compute_to_reach(s_flops, s_loss, final)
+                curve = (compute_curve(res["small_curve"], 0, 0.0, tps * s["fpt"])
+                         + compute_curve(res["grown_curve"], x["small_steps"], x["small_flops"], tps * fpt_target))
+                rows.append({
+                    "factor": g, "param_ratio": n_target / s["params"], "budget": r, "seed": seed,
+                    "growth_seed": p.growth_seed, "strategy": p.strategy, "parameterization": p.parameterization,
+                    "mup_base_width": p.base_width if p.parameterization == "mup" else None,
+                    "small_d_model": s["cfg"].d_model, "small_n_head": s["cfg"].n_head,
+                    "small_d_ff": s["cfg"].d_ff, "params_small": s["params"], "params_target": n_target,
+                    "small_steps": x["small_steps"], "grown_steps": x["grown_steps"],
+                    "small_tokens": x["small_steps"] * tps, "grown_tokens": x["grown_steps"] * tps,
+                    "small_flops": x["small_flops"], "total_flops": x["total_flops"],
+                    "loss_small": res["small_curve"][-1][1], "loss_after_growth": res["grown_curve"][0][1],
+                    "final_loss": final, "scratch_flops_to_match": need, "speedup": value,
+                    "speedup_exact": exact, "speedup_text": speedup_text(value, exact),
+                    "seconds": res["seconds"], "key": x["key"], "curve": curve})
+            return rows, curves
 
-        wall = time.perf_counter() - t0
-        meta = {"command": command or _command(p.name, out), "wall_seconds": wall,
-                "computed": store.computed, "cached": store.hits, "device": str(dev),
-                "threads": threads or p.threads, "data": str(default_data(data) or "downloaded"),
-                "corpus_key": corpus.key, "train_tokens": len(corpus.train), "valid_tokens": len(corpus.valid),
-                "vocab_size": corpus.vocab_size, "params_target": n_target, "flops_per_token_target": fpt_target,
-                "tokens_per_step": tps, "scratch_steps": scratch_steps, "scratch_seconds": scratch["seconds"],
-                "compute_seconds": sum(r["seconds"] for r in rows) + scratch["seconds"],
-                "smalls": {f"{g:g}": {"d_model": s["cfg"].d_model, "n_head": s["cfg"].n_head,
-                                      "d_ff": s["cfg"].d_ff, "params": s["params"],
-                                      "flops_per_token": s["fpt"]} for g, s in smalls.items()}}
-        files = write_report(out, p, rows, sc, meta)
-        atomic_write_json(out / "study.json", {"study": "growth-factor", "preset": preset_dict(p), **meta})
+        def report(rows, curves, done, steps):
+            wall = time.perf_counter() - t0
+            scratch_seconds = sum(store.get(scratch[sd]["segs"][b]["key"], count=False)["seconds"]
+                                  for sd in p.seeds for b in done)
+            meta = {"command": command or _command(p.name, out), "wall_seconds": wall,
+                    "computed": store.computed, "cached": store.hits, "device": str(dev), "workers": workers,
+                    "threads": n_threads, "data": str(default_data(data) or "downloaded"),
+                    "corpus_key": corpus.key, "train_tokens": len(corpus.train), "valid_tokens": len(corpus.valid),
+                    "vocab_size": corpus.vocab_size, "params_target": n_target,
+                    "flops_per_token_target": fpt_target, "tokens_per_step": tps, "scratch_steps": steps,
+                    "scratch_seconds": scratch_seconds,
+                    "compute_seconds": sum(r["seconds"] for r in rows) + scratch_seconds
+                    + sum(small_seconds.values()),
+                    "budgets_done": list(done), "budgets_missing": [b for b in budgets if b not in done],
+                    "smalls": {f"{g:g}": {"d_model": s["cfg"].d_model, "n_head": s["cfg"].n_head,
+                                          "d_ff": s["cfg"].d_ff, "params": s["params"],
+                                          "flops_per_token": s["fpt"]} for (g, seed), s in smalls.items()
+                               if seed == p.seeds[0]}}
+            pd = replace(p, budgets=tuple(b for b in p.budgets if b in done))
+            files = write_report(out, pd, rows, curves, meta)
+            atomic_write_json(out / "study.json", {"study": "growth-factor", "preset": preset_dict(p), **meta})
+            return files
+
+        # --- 2. per budget, smallest first: the scratch segments and the grown runs, longest
+        # --- first; the report is rewritten after each budget, so it holds every finished one
+        results, scratch_res, files = {}, {}, []
+        for i, r in enumerate(budgets):
+            units, what, unit_work, cfgs = [], {}, {}, {}
+            for seed in p.seeds:
+                seg = scratch[seed]["segs"][r]
+                if (seed, r) in scratch_todo:
+                    k = ("scratch", seed, r)
+                    what[k] = f"scratch seed {seed} to step {seg['steps']} (budgets <= {r:g})"
+                    unit_work[k], cfgs[k] = seg_work[r], (seg["key"], seg["cfg"])
+                    units.append((k, (p, seed, seg["steps"], scratch[seed]["root"], *args, label(what[k]))))
+            for x in (x for x in todo if x["r"] == r):
+                k = ("grown", x["key"])
+                s = smalls[(x["g"], x["seed"])]
+                have = existing_checkpoints(s["root"])
+                what[k] = f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} ({x['grown_steps']} steps)"
+                unit_work[k], cfgs[k] = x["work"], (x["key"], x["cfg"])
+                units.append((k, (p, x["g"], x["r"], x["seed"], str(s["root"] / f"step-{x['small_steps']}"),
+                                  have[x["small_steps"]], x["small_steps"], x["grown_steps"],
+                                  out / "cache" / "grown" / x["key"], *args, label(what[k]))))
+            units.sort(key=lambda u: -unit_work[u[0]])
+
+            def unit_done(k, res):
+                key, cfg = cfgs[k]
+                store.put(key, cfg, res)
+                counter["steps"] += res["train_steps"]
+                loss = res["curve" if k[0] == "scratch" else "grown_curve"][-1][1]
+                prog.finish(what[k], res["seconds"], f"final {loss:.4f}", work=unit_work[k])
+
+            run_units([(k, (k[0], *a)) for k, a in units], _unit, workers=workers, threads=n_threads or 1,
+                      on_start=lambda k: prog.start(what[k]), on_result=unit_done)
+            computed = {cfgs[k][0] for k, _ in units}
+            for seed in p.seeds:
+                key = scratch[seed]["segs"][r]["key"]
+                scratch_res[seed] = store.get(key, count=key not in computed)
+                if key not in computed:
+                    prog.finish(f"scratch seed {seed} to step {seg_steps[r]}", None,
+                                f"final {scratch_res[seed]['curve'][-1][1]:.4f}")
+            for x in (x for x in grown if x["r"] == r):
+                res = store.get(x["key"], count=x["key"] not in computed)
+                if x["key"] not in computed:
+                    prog.finish(f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']}", None,
+                                f"final {res['grown_curve'][-1][1]:.4f}")
+                results[x["key"]] = res
+            done = budgets[:i + 1]
+            if i + 1 < len(budgets):
+                prog.log(f"budgets {', '.join(f'{b:g}' for b in done)} done: report written "
+                         f"(budgets {', '.join(f'{b:g}' for b in budgets[i + 1:])} to come)")
+            rows, curves = self_rows(done, scratch_res)
+            files = report(rows, curves, done, seg_steps[r])
+
     prog.log(f"done in {fmt_seconds(time.perf_counter() - t0)}: {store.computed} computed, "
              f"{store.hits} cached; {out / 'report.md'}")
     return StudyResult(out=out, rows=rows, computed=store.computed, cached=store.hits,
                        train_steps=counter["steps"], seconds=time.perf_counter() - t0, files=files)
+
+
+def _unit(kind, *args):
+    """A phase-2 unit for pool.run_units: a scratch or a grown run."""
+    return (train_scratch if kind == "scratch" else train_grown)(*args)

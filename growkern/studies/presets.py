@@ -82,25 +82,32 @@ class WarmstartPreset:
 @dataclass(frozen=True)
 class GrowthFactorPreset:
     name: str
-    # target model: d_model = n_head * head_dim, d_ff = 4 d_model, RMSNorm
+    # target model: d_model = n_head * head_dim, d_ff = ff_mult * d_model, RMSNorm
     vocab_size: int
     block_size: int
     n_layer: int
     head_dim: int
     n_head: int
-    factors: tuple
+    factors: tuple  # width ratios target / small (n_head / g must be whole)
     budgets: tuple  # tokens per target non-embedding parameter
     batch_size: int
     lr: float
     warmup: int
     eval_every: int
+    ff_mult: int = 4
+    # muP with one base width for every model of the study (None: the target's d_model),
+    # so the LR means the same at every width; "sp" for the standard parameterization
+    parameterization: str = "mup"
+    mup_base_width: int | None = None
     strategy: str = "szp"
-    strategy_options: tuple = ()  # (key, value) pairs, e.g. (("shrink", 0.5),)
+    strategy_options: tuple = ()  # (key, value) pairs, e.g. (("shrink", 0.5), ("carry_state", True))
+    growth_schedule: str | None = None  # widen_'s schedule; None: the strategy's (szp: restart)
     scratch_factor: float = 2.0  # scratch runs for this times a grown run's compute
     weight_decay: float = 0.1
     eval_batch_size: int = 16
     eval_batches: int = 4
-    seed: int = 0
+    seeds: tuple = (0, 1)  # a seed: the small model's init and data order, and the scratch run's init
+    growth_seed: int = 0  # the growth's noise (szp's perturbation), the same for every seed
     keep_every: int = 0  # steps between resume checkpoints within long runs; 0: none
     threads: int | None = None
 
@@ -108,20 +115,32 @@ class GrowthFactorPreset:
     def d_model(self) -> int:
         return self.n_head * self.head_dim
 
+    @property
+    def base_width(self) -> int:
+        return self.mup_base_width or self.d_model
+
     def describe(self) -> list[str]:
         opts = ", ".join(f"{k}={v}" for k, v in self.strategy_options)
+        par = (f"muP, base width {self.base_width} for every model (the LR means the same at every width)"
+               if self.parameterization == "mup" else "standard parameterization (SP)")
+        sched = self.growth_schedule or ("the strategy's default (szp: restart: moments, step and warmup "
+                                         "start over)")
         return [
             f"target model: d_model {self.d_model} ({self.n_head} heads of head_dim {self.head_dim}), "
-            f"{self.n_layer} layers, d_ff {4 * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
-            f"block {self.block_size}",
-            f"growth factors g: {', '.join(f'{g:g}' for g in self.factors)}; "
-            f"growth strategy {self.strategy}{f'({opts})' if opts else ''}",
+            f"{self.n_layer} layers, d_ff {self.ff_mult * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
+            f"block {self.block_size}; {par}",
+            f"growth factors g (width ratio): {', '.join(f'{g:g}' for g in self.factors)}; "
+            f"growth strategy {self.strategy}{f'({opts})' if opts else ''}, schedule after growth: {sched}; "
+            f"growth noise seed {self.growth_seed}",
             f"budgets r: {', '.join(f'{r:g}' for r in self.budgets)} tokens per non-embedding parameter "
             f"(small model: r N_s tokens, then the grown model: r N tokens); scratch runs "
-            f"{self.scratch_factor:g}x each grown run's compute",
+            f"{self.scratch_factor:g}x the largest grown run's compute",
+            f"seeds: {', '.join(map(str, self.seeds))} (each: the small models' init and data order and "
+            f"the scratch run's init and data order)",
             f"training: batch {self.batch_size} x {self.block_size} tokens, AdamW lr {self.lr:g}, "
-            f"betas 0.9/0.95, constant after {self.warmup} warmup steps, val loss every {self.eval_every} "
-            f"steps on {self.eval_batch_size * self.eval_batches} held-out windows",
+            f"betas 0.9/0.95, weight decay {self.weight_decay:g}, constant after {self.warmup} warmup steps, "
+            f"val loss every {self.eval_every} steps on {self.eval_batch_size * self.eval_batches} "
+            f"held-out windows",
         ]
 
 
@@ -150,17 +169,21 @@ GROWTH_FACTOR = {
         name="smoke", vocab_size=512, block_size=32, n_layer=1, head_dim=2, n_head=12,
         factors=(1.5, 2, 4), budgets=(1, 2), batch_size=8, lr=3e-3, warmup=5, eval_every=8,
         eval_batch_size=16, eval_batches=2, threads=1),
+    # The smallest target the brief allows (4 layers, head_dim 16, three factors whose
+    # heads are whole: 4 heads / g for g = 4/3, 2, 4) with d_ff 2 d_model, vocab 288 and
+    # 32 x 32 batches: the protocol (budgets 5-40, 2 seeds) is ~690 N target-token
+    # equivalents whatever the shapes, so only N and the throughput set the time
+    # (docs/studies.md, "Presets": ~50 min with 2 workers on 2 idle cores).
     "cpu": GrowthFactorPreset(
-        name="cpu", vocab_size=1024, block_size=64, n_layer=1, head_dim=4, n_head=24,
-        factors=(1.5, 2, 3, 4, 8), budgets=(5, 10, 20), batch_size=16, lr=2e-3, warmup=50,
-        eval_every=25, eval_batch_size=32, eval_batches=4, keep_every=1000, threads=1),
-    # d_model 768 (12 heads of 64) keeps factors up to 4 integral in heads; factor 8
-    # needs a multiple of 24 heads (d_model 1536, ~4x the compute): add it with
-    # n_head=24, factors=(1.5, 2, 3, 4, 8) if the GPU time is there.
+        name="cpu", vocab_size=288, block_size=32, n_layer=4, head_dim=16, n_head=4, ff_mult=2,
+        factors=(4 / 3, 2, 4), budgets=(5, 10, 20, 40), batch_size=32, lr=2e-3, warmup=20,
+        eval_every=50, eval_batch_size=32, eval_batches=4, keep_every=2000, threads=1),
+    # d_model 384 = 6 heads of 64: g = 1.5, 2, 3 (6 would be 1 head) are whole in heads. Two seeds,
+    # budgets 5-40: 2.2e17 training FLOPs (docs/studies.md), ~19 min on one H100 at 20% bf16 MFU.
     "paper": GrowthFactorPreset(
-        name="paper", vocab_size=8192, block_size=512, n_layer=8, head_dim=64, n_head=12,
-        factors=(1.5, 2, 3, 4), budgets=(5, 10, 20, 40), batch_size=32, lr=1e-3, warmup=200,
-        eval_every=100, eval_batch_size=32, eval_batches=8, keep_every=2000),
+        name="paper", vocab_size=8192, block_size=512, n_layer=4, head_dim=64, n_head=6,
+        factors=(1.5, 2, 3), budgets=(5, 10, 20, 40), batch_size=64, lr=3e-3, warmup=50,
+        eval_every=200, eval_batch_size=32, eval_batches=8, keep_every=2000),
 }
 
 PRESETS = {"warmstart": WARMSTART, "growth-factor": GROWTH_FACTOR}
