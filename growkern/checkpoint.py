@@ -3,7 +3,8 @@
 A checkpoint is a directory:
 
     meta.json          format, step, GPTConfig, TrainConfig, tokenizer reference,
-                       growth history, parameter names, and the size and sha256 of
+                       growth history, parameter names, the parallelism of the run
+                       that wrote it (parallel, world_size), and the size and sha256 of
                        every other file (written last: its presence marks completion)
     model.safetensors  weights (model.pt when safetensors is not installed)
     optimizer.pt       optimizer.state_dict()
@@ -174,8 +175,10 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
     `tokenizer`: a reference such as tokenizer_ref(corpus) (path, cache key, vocab);
     `tokenizer_file`: a tokenizer.json to copy in (default: tokenizer['path']);
     `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states."""
+    from .distributed import context
     from .train import unwrap
     path = Path(path)
+    parallel = context(model).describe()  # a DDP wrapper: {"parallel": "ddp", "world_size": N}
     model = unwrap(model)
     # load() rebuilds both from the TrainConfig, so they must be the ones it would build
     if any("param_names" not in g for g in optimizer.param_groups):
@@ -206,6 +209,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             "weights": weights,
             "param_names": [g.get("param_names") for g in optimizer.param_groups],
             "torch": torch.__version__, "files": files, "extra": extra or {},
+            **parallel,
         }
         _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
     return path

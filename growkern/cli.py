@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_mod
+from . import distributed as dist_mod
 from .model import GPTConfig
 from .train import (TrainConfig, build_optimizer, build_scheduler, evaluate, flops_per_token,
                     init_model, make_batches, resolve_device, seed_everything, train, LRSchedule)
@@ -54,7 +55,8 @@ MODEL_FLAGS = [
 ]
 TRAIN_FLAGS = [
     ("--steps", "train", "steps", int, "total optimizer steps (the LR schedule's horizon)"),
-    ("--batch-size", "train", "batch_size", int, "sequences per micro-batch"),
+    ("--batch-size", "train", "batch_size", int, "sequences per micro-batch; under torchrun the global batch "
+     "(all processes together, divisible by their number)"),
     ("--lr", "train", "lr", float, "peak learning rate"),
     ("--min-lr", "train", "min_lr", float, "final learning rate (cosine, wsd)"),
     ("--warmup", "train", "warmup", int, "linear warmup steps"),
@@ -225,7 +227,21 @@ def _saver(out: Path, model, optimizer, scheduler, batches, tcfg, tokenizer, tok
 
 
 def cmd_train(args) -> int:
+    """Under torchrun with more than one process (RANK, WORLD_SIZE, LOCAL_RANK set):
+    data-parallel with torch's DDP, --batch-size the global batch, rank 0 writing the
+    log and checkpoints (docs/distributed.md)."""
+    ctx = dist_mod.init_from_env(args.device or "auto")
+    try:
+        return _train(args, ctx)
+    finally:
+        if ctx.distributed:
+            dist_mod.shutdown()
+
+
+def _train(args, ctx: dist_mod.Context) -> int:
     t_start = time.perf_counter()
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    device_of = (lambda d: dist_mod.device_for(d, ctx.local_rank)) if ctx.distributed else resolve_device
     if args.resume:
         flags = flag_overrides(args)
         if flags["model"]:
@@ -239,17 +255,18 @@ def cmd_train(args) -> int:
                            f"were built with them (resumable: {sorted(RESUMABLE)})")
         _, meta = ckpt_mod.read_meta(args.resume)
         device = flags["train"].get("device") or meta["train_config"].get("device", "auto")
-        ck = ckpt_mod.load(args.resume, device=resolve_device(device))
+        ck = ckpt_mod.load(args.resume, device=device_of(device))
         tcfg = ck.train_config.replace(**flags["train"])
         model, optimizer, scheduler, start = ck.model, ck.optimizer, ck.scheduler, ck.step
         # a new horizon moves the schedule; everything else in it stays
         scheduler.lr_lambdas[0].__dict__.update(vars(LRSchedule.from_config(tcfg)))
-        corpus, data_dir = corpus_for(ck, args.data)
+        with dist_mod.main_first(ctx):  # rank 0 fills the token caches, the others read them
+            corpus, data_dir = corpus_for(ck, args.data)
         ck.restore_rng()
         batches = ck.batches(corpus.train, tcfg)
         tokenizer, tok_file, history = ck.tokenizer, ck.tokenizer_file, ck.growth_history
         out = Path(args.out) if args.out else run_dir(ck.path)
-        print(f"resuming {ck.path} at step {start} -> {tcfg.steps}  "
+        say(f"resuming {ck.path} at step {start} -> {tcfg.steps}  "
               f"(d_model {model.config.d_model}, {model.num_params():,} parameters)")
     else:
         model_fields, tcfg = build_configs(args)
@@ -259,24 +276,35 @@ def cmd_train(args) -> int:
             if not args.force:
                 raise CLIError(f"{out} already holds a checkpoint; continue it with --resume {out}, "
                                f"or start over with --force")
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        corpus, data_dir = prepare_corpus(args.data, model_fields["vocab_size"])
+            if ctx.is_main:
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+        with dist_mod.main_first(ctx):  # rank 0 trains the tokenizer and fills the caches
+            corpus, data_dir = prepare_corpus(args.data, model_fields["vocab_size"])
         gcfg = GPTConfig(**{**model_fields, "vocab_size": corpus.vocab_size, "dropout": tcfg.dropout})
         seed_everything(tcfg.seed)
-        model = init_model(gcfg, tcfg.seed, resolve_device(tcfg.device))
+        model = init_model(gcfg, tcfg.seed, device_of(tcfg.device))
         optimizer, start = build_optimizer(model, tcfg), 0
         scheduler = build_scheduler(optimizer, tcfg)
         batches = make_batches(corpus.train, tcfg)
         tokenizer = ckpt_mod.tokenizer_ref(corpus, data_dir, model_fields["vocab_size"])
         tok_file, history = None, []
-        print(f"training {model.num_params():,} parameters on {data_dir} "
-              f"({len(corpus.train):,} train tokens, vocab {corpus.vocab_size}) -> {out}")
+        say(f"training {model.num_params():,} parameters on {data_dir} "
+            f"({len(corpus.train):,} train tokens, vocab {corpus.vocab_size}) -> {out}")
     tcfg = tcfg.replace(log_path=str(out / "metrics.jsonl"))
     end = tcfg.steps if args.stop_at is None else min(args.stop_at, tcfg.steps)
     if start >= end:
-        print(f"nothing to do: the checkpoint is at step {start}, the run ends at {end}")
+        say(f"nothing to do: the checkpoint is at step {start}, the run ends at {end}")
         return 0
-    save = _saver(out, model, optimizer, scheduler, batches, tcfg, tokenizer, tok_file, history)
+    if ctx.distributed:
+        dist_mod.check_batch(tcfg.batch_size, ctx)
+        if tcfg.regime == "stochastic":
+            dist_mod.decorrelate_rng(ctx)  # each rank its own dropout masks
+        model = dist_mod.wrap(model, ctx)
+        say(f"data-parallel on {ctx.world_size} processes (DDP): global batch {tcfg.batch_size}, "
+            f"{tcfg.batch_size // ctx.world_size} sequences per rank")
+    # rank 0 writes, the others wait at a barrier
+    save = dist_mod.run_on_main(
+        _saver(out, model, optimizer, scheduler, batches, tcfg, tokenizer, tok_file, history), ctx)
 
     def on_step(rec):
         if args.save_every and rec["step"] % args.save_every == 0 and rec["step"] < end:
@@ -287,9 +315,9 @@ def cmd_train(args) -> int:
     step = hist[-1]["step"]
     save(step)
     last = hist[-1]
-    print(f"step {step}: train loss {last['loss']:.4f}, val loss {last.get('val_loss', float('nan')):.4f}, "
-          f"{sum(r['dt_ms'] for r in hist) / 1e3:.1f} s training, "
-          f"{time.perf_counter() - t_start:.1f} s total; checkpoint {out / 'ckpt'}")
+    say(f"step {step}: train loss {last['loss']:.4f}, val loss {last.get('val_loss', float('nan')):.4f}, "
+        f"{sum(r['dt_ms'] for r in hist) / 1e3:.1f} s training, "
+        f"{time.perf_counter() - t_start:.1f} s total; checkpoint {out / 'ckpt'}")
     return 0
 
 

@@ -41,7 +41,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 @dataclass
 class TrainConfig:
     steps: int = 1000            # optimizer steps of the whole run: the LR schedule's horizon
-    batch_size: int = 16         # sequences per micro-batch
+    batch_size: int = 16         # sequences per micro-batch; data-parallel: the global batch of all ranks
     block_size: int = 128        # tokens per sequence (<= the model's block_size)
     lr: float = 1e-3             # peak LR
     min_lr: float = 1e-4         # LR at the end of the decay (cosine, wsd)
@@ -168,9 +168,13 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def unwrap(model: nn.Module) -> GPT:
-    while hasattr(model, "_orig_mod"):  # torch.compile
-        model = model._orig_mod
-    return model
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -453,7 +457,16 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     eval_data is given). `on_step(record)` runs after each step; returning True stops.
     The records go to cfg.log_path too, after dropping those of steps past start_step
     that a run killed after its last checkpoint left there (drop_records_after).
+
+    A DistributedDataParallel `model` trains data-parallel (growkern/distributed.py):
+    cfg.batch_size is the global batch, each rank takes its rows of it, the logged loss
+    is the mean over ranks, eval, the log and progress run on rank 0 (val_loss is sent
+    to every rank), records carry parallel and world_size and are the same on every
+    rank, so on_step must decide the same everywhere.
     """
+    from . import distributed as dist_mod
+    ctx = dist_mod.context(model)
+    dist_mod.check_batch(cfg.batch_size, ctx)
     end = cfg.steps if end_step is None else end_step
     device = next(model.parameters()).device
     dtype = autocast_dtype(cfg, device)
@@ -466,12 +479,14 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     params = [p for g in optimizer.param_groups for p in g["params"]]
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     peak = cfg.peak_flops or peak_flops(device, dtype)
-    if cfg.log_path:
+    if peak:
+        peak *= ctx.world_size  # tokens_per_step is the global batch's
+    if cfg.log_path and ctx.is_main:
         drop_records_after(cfg.log_path, start_step)  # steps a killed run logged past its checkpoint
-    log = _JsonlLog(cfg.log_path)
-    bar = _progress_bar(cfg, start_step, end)
+    log = _JsonlLog(cfg.log_path if ctx.is_main else None)
+    bar = _progress_bar(cfg, start_step, end) if ctx.is_main else None
     lines = (_ProgressLines(start_step, end, PROGRESS_EVERY_S)
-             if bar is None and cfg.progress and not cfg.log_every else None)
+             if bar is None and cfg.progress and not cfg.log_every and ctx.is_main else None)
     rec = None
     history = []
     model.train()
@@ -481,14 +496,20 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                 t0 = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     x, y = next(batches)
+                    if ctx.distributed:  # this rank's rows of the global batch
+                        x, y = dist_mod.shard(x, ctx), dist_mod.shard(y, ctx)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    with _autocast(device, dtype):
-                        _, loss = fwd(x, y)
-                    # the mean over micro-batches, so grad_accum does not change the LR's meaning
-                    (loss / cfg.grad_accum).backward()
+                    # DDP: gradients are averaged over ranks once, at the last micro-batch
+                    sync = (contextlib.nullcontext() if not ctx.distributed or micro == cfg.grad_accum - 1
+                            else dist_mod.find_ddp(model, wrapped_only=True).no_sync())
+                    with sync:
+                        with _autocast(device, dtype):
+                            _, loss = fwd(x, y)
+                        # the mean over micro-batches, so grad_accum does not change the LR's meaning
+                        (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -498,6 +519,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                loss_sum = dist_mod.mean_over_ranks(loss_sum, ctx)  # the global batch's loss
                 # one device sync per step, for both numbers
                 train_loss, grad_norm = torch.stack([loss_sum / cfg.grad_accum, grad_norm.float()]).tolist()
                 dt = time.perf_counter() - t0
@@ -506,16 +528,23 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                        "dt_ms": dt * 1e3, "tok_s": tokens_per_step / dt}
                 if peak:
                     rec["mfu"] = flops_per_token(gpt, cfg.block_size) * tokens_per_step / dt / peak
+                if ctx.distributed:
+                    rec.update(ctx.describe())
                 last = step + 1 == end
                 if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                    rec["val_loss"] = evaluate(fwd, eval_data, dtype)
+                    if ctx.distributed:  # on rank 0, through the module (no DDP collectives)
+                        val = evaluate(gpt, eval_data, dtype) if ctx.is_main else None
+                        rec["val_loss"] = dist_mod.broadcast_float(val, ctx, device)
+                    else:
+                        rec["val_loss"] = evaluate(fwd, eval_data, dtype)
                 history.append(rec)
                 log.write(rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "val_loss", "lr") if k in rec}
                                     | {"tok/s": f"{rec['tok_s']:.0f}"})
-                elif cfg.log_every and ((step + 1) % cfg.log_every == 0 or last or "val_loss" in rec):
+                elif cfg.log_every and ctx.is_main and ((step + 1) % cfg.log_every == 0 or last
+                                                        or "val_loss" in rec):
                     print(format_record(rec, end), flush=True)
                 elif lines is not None and not last:
                     lines.update(rec)

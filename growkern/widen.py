@@ -521,7 +521,10 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     `model` is a growkern.GPT, a transformers causal LM of a known family (GPT-2,
     Llama, Mistral, Qwen2/3, Phi-3, Gemma2/3), or a class registered with
     growkern.register_adapter; torch.compile and DDP wrappers are looked through, as
-    are accelerate's optimizer and scheduler wrappers. Give a `plan` or the keywords
+    are accelerate's optimizer and scheduler wrappers. A DistributedDataParallel model
+    is grown on every rank (widen_ is then a collective: each rank calls it with the
+    same arguments, between optimizer steps) and its Reducer rebuilt on the same
+    wrapper (growkern/distributed.py, docs/distributed.md). Give a `plan` or the keywords
     of growkern.plan_growth (factor=, d_model=, d_ff=, n_head=, strategy=, seed=,
     strategy options). The nn.Parameter objects stay the same, so optimizer
     param_groups, hooks and references stay valid; model.config describes the new
@@ -531,7 +534,11 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     LRs (and the scheduler's base LRs) follow the new width (growkern/mup.py).
     Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
     t0 = time.perf_counter()
+    from . import distributed
+    ddp = distributed.find_ddp(model)  # its Reducer caches the old shapes: rebuilt below
     model = unwrap(model)
+    if ddp is None:
+        ddp = distributed.find_ddp(model)  # the module growkern.distributed.wrap wrapped
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen_ grows a torch.nn.Module; got {type(model).__name__}")
     adapter = adapter_for(model)
@@ -548,6 +555,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     _validate(model, adapter, optimizer, scheduler, plan, schedule, rewarm_steps)
     if schedule == "restart":
         _check_restartable(scheduler)
+    if ddp is not None:
+        distributed.check_growable(ddp)
     # memory first: the reference builds below allocate each new-width parameter briefly
     new_bytes = _check_memory(model, optimizer, plan)
     new_config = adapter.new_config(model.config, plan.new)
@@ -565,6 +574,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     no_room = 0
 
     # --- from here on, state changes ---
+    if ddp is not None:
+        distributed.release_reducer(ddp)  # its buckets and hooks hold the old shapes
     strategy = plan.strategy
     with torch.no_grad():
         for batch in _batches(model, optimizer):
@@ -600,6 +611,9 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
                      f"(the old rows span their fan-in space) and stay as drawn")
     adapter.apply_config(model, new_config)
     adapter.sync(model, ref_old, ref_new)
+    if ddp is not None:
+        distributed.rebuild_reducer(ddp)  # collective: every rank grows
+        notes.append("DDP: a new Reducer was built on the same wrapper for the grown parameters")
     if lr_ratios is not None:
         changed = _scale_lrs(optimizer, scheduler, lr_ratios)
         if changed:

@@ -1,0 +1,283 @@
+"""Data-parallel training and growth under DDP (CPU, gloo, 2 ranks, via tests/multirank.py).
+
+The rank functions are module-level: the harness pickles them by reference and every
+rank imports this module again.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multirank import RankError, run_ranks
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
+TIMING = ("dt_ms", "tok_s", "mfu")
+
+
+# --- the harness ---------------------------------------------------------------
+
+def _sum_ranks(rank, world, extra):
+    import torch.distributed as dist
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return {"rank": rank, "world": world, "sum": float(t), "extra": extra, "threads": torch.get_num_threads()}
+
+
+def _rank1_raises(rank, world):
+    import torch.distributed as dist
+    if rank == 1:
+        raise KeyError("rank 1 broke on purpose")
+    dist.barrier()  # rank 0 waits for rank 1 in a collective: it must not hang the test
+    return rank
+
+
+def _rank0_hangs(rank, world):
+    if rank == 0:
+        time.sleep(600)
+    return rank
+
+
+def test_harness_returns_each_ranks_result():
+    out = run_ranks(_sum_ranks, 2, args=("x",), timeout=60)
+    assert [r["rank"] for r in out] == [0, 1]
+    assert all(r["sum"] == 3.0 and r["world"] == 2 and r["extra"] == "x" and r["threads"] == 1 for r in out)
+
+
+def test_harness_reraises_a_failing_rank_with_its_traceback():
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match="rank 1 of 2 raised first") as info:
+        run_ranks(_rank1_raises, 2, timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert "rank 1 broke on purpose" in str(info.value) and "_rank1_raises" in str(info.value)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_harness_kills_a_hanging_rank():
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match=r"did not finish within 3 s"):
+        run_ranks(_rank0_hangs, 2, timeout=3)
+    assert time.monotonic() - t0 < 15
+
+
+# --- DDP training and growth -------------------------------------------------------
+
+def _tokens(n=20_000, vocab=61, seed=0):
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) % 17 * 3 % vocab
+    noise = rng.integers(0, vocab, n)
+    return np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
+
+
+def _setup(log_path=None, steps=6):
+    from growkern import GPTConfig
+    from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches
+    gcfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16)
+    tcfg = TrainConfig(steps=steps, batch_size=4, block_size=16, lr=1e-2, min_lr=1e-3, warmup=2,
+                       eval_every=3, eval_batches=2, progress=False, log_path=log_path)
+    model = init_model(gcfg, 0).double()
+    opt = build_optimizer(model, tcfg)
+    return model, opt, build_scheduler(opt, tcfg), make_batches(_tokens(), tcfg), tcfg
+
+
+def _state(model, opt):
+    """Parameters and AdamW moments by name, as float64 numpy (picklable, comparable)."""
+    named = dict(model.named_parameters())
+    out = {n: p.detach().numpy().copy() for n, p in named.items()}
+    ids = {id(p): n for n, p in named.items()}
+    for p, st in opt.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            out[f"{ids[id(p)]}/{k}"] = st[k].detach().numpy().copy()
+    return out
+
+
+def _train_and_grow(rank, world, strategy, log_path=None, grow_at=3, end=6):
+    """Train to grow_at, widen_ (on the DDP wrapper when world > 1), train to end."""
+    import growkern
+    from growkern import distributed as D
+    from growkern.data import eval_batches
+    from growkern.train import train
+    model, opt, sched, batches, tcfg = _setup(log_path, end)
+    ctx = D.context(model)
+    if world > 1:
+        ctx = D.Context(rank, world, rank, "ddp")
+        model = D.wrap(model, ctx)
+    gpt = D.find_ddp(model).module if world > 1 else model
+    val = eval_batches(_tokens(seed=1), 16, 4, 2)
+    hist = train(model, opt, sched, batches, tcfg, end_step=grow_at if strategy else end, eval_data=val)
+    out = {"hist": hist}
+    if strategy:
+        # the single-process growth of a copy of the same state, to compare bit for bit
+        twin, twin_opt, twin_sched = copy.deepcopy(gpt), None, None
+        from growkern.train import build_optimizer, build_scheduler
+        twin_opt = build_optimizer(twin, tcfg)
+        twin_opt.load_state_dict(opt.state_dict())
+        twin_sched = build_scheduler(twin_opt, tcfg)
+        twin_sched.load_state_dict(sched.state_dict())
+        kw = dict(factor=2, strategy=strategy, seed=7)
+        growkern.widen_(twin, twin_opt, twin_sched, **kw)
+        report = growkern.widen_(model, opt, sched, **kw)
+        out["notes"] = report.notes
+        out["grown"], out["twin"] = _state(gpt, opt), _state(twin, twin_opt)
+        # one gradient of the global batch's loss through the grown wrapper, then training goes on
+        x, y = batches.batch(10_000)
+        if world > 1:
+            x, y = D.shard(x, ctx), D.shard(y, ctx)
+        _, loss = model(x, y)
+        loss.backward()
+        out["grad"] = {n: p.grad.numpy().copy() for n, p in gpt.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        out["hist"] += train(model, opt, sched, batches, tcfg, start_step=grow_at, end_step=end, eval_data=val)
+    out["final"] = _state(gpt, opt)
+    return out
+
+
+def _records(hist):
+    return [{k: v for k, v in r.items() if k not in TIMING + ("parallel", "world_size")} for r in hist]
+
+
+def _assert_close_records(a, b, rtol=1e-6):
+    """Records agree to float32 rounding: train() logs loss and grad_norm as float32
+    (DDP: the float32 mean of the ranks' losses); the float64 weights are compared tightly."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), (ra, rb)
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=1e-12), (k, ra, rb)
+
+
+def _assert_close_states(a, b, atol=1e-10):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].shape == b[n].shape, n
+        np.testing.assert_allclose(a[n], b[n], rtol=1e-9, atol=atol, err_msg=n)
+
+
+def _assert_equal_states(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].shape == b[n].shape and np.array_equal(a[n], b[n]), n
+
+
+def test_ddp_training_equals_the_single_process_run(tmp_path):
+    """2 ranks x 2 rows = the global batch of 4 of one process: the same losses, LRs,
+    grad norms and val losses (logged as float32: to 1e-6), the same final float64 weights and
+    moments (to 1e-10);
+    replicas identical bit for bit; the log written once, by rank 0."""
+    log = tmp_path / "metrics.jsonl"
+    t0 = time.monotonic()
+    ddp = run_ranks(_train_and_grow, 2, args=(None, str(log)), timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(None,), timeout=120)
+    print(f"2 ranks + reference: {time.monotonic() - t0:.1f} s")
+    _assert_equal_states(ddp[0]["final"], ddp[1]["final"])
+    assert _records(ddp[0]["hist"]) == _records(ddp[1]["hist"])  # every rank sees the same records
+    assert all(r["parallel"] == "ddp" and r["world_size"] == 2 for r in ddp[0]["hist"])
+    assert all("parallel" not in r for r in single["hist"])  # single-process records as before
+    _assert_close_records(_records(ddp[0]["hist"]), _records(single["hist"]))
+    assert [r["step"] for r in ddp[0]["hist"] if "val_loss" in r] == [3, 6]
+    _assert_close_states(ddp[0]["final"], single["final"])
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    assert _records(logged) == _records(ddp[0]["hist"])
+
+
+@pytest.mark.parametrize("strategy", ["exact_copy", "perturb"])
+def test_ddp_widen_mid_training_equals_the_single_process_run(strategy):
+    """Train 3 steps, widen_ the DDP wrapper on both ranks, train 3 more with the same
+    optimizer and scheduler: the wrapper keeps averaging gradients (identical on both
+    ranks), the growth is bit for bit the single-process growth of the same state
+    (perturb's noise included), and the whole curve equals the single-process run that
+    grows at the same step."""
+    t0 = time.monotonic()
+    ddp = run_ranks(_train_and_grow, 2, args=(strategy,), timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(strategy,), timeout=120)
+    print(f"{strategy}: 2 ranks + reference: {time.monotonic() - t0:.1f} s")
+    for r in ddp:
+        _assert_equal_states(r["grown"], r["twin"])  # DDP's growth = a single process's
+        assert any("new Reducer" in n for n in r["notes"])
+    _assert_equal_states(ddp[0]["grown"], ddp[1]["grown"])
+    _assert_equal_states(ddp[0]["grad"], ddp[1]["grad"])  # gradients still averaged
+    _assert_equal_states(ddp[0]["final"], ddp[1]["final"])
+    assert ddp[0]["grown"]["wte.weight"].shape == (61, 32)
+    _assert_close_states(ddp[0]["grad"], single["grad"])
+    _assert_close_records(_records(ddp[0]["hist"]), _records(single["hist"]))
+    _assert_close_states(ddp[0]["final"], single["final"])
+    up = ddp[0]["grown"]["blocks.0.mlp.up.weight"]  # (128, 32): rows 64.. copy rows ..63
+    assert np.array_equal(up[:64], up[64:]) == (strategy == "exact_copy")  # perturb: noise, same on each rank
+
+
+def _grow_inner_module(rank, world):
+    """widen_(ddp.module) of a model growkern.distributed.wrap wrapped grows through the
+    wrapper; without that the old Reducer would silently stop averaging gradients."""
+    import growkern
+    from growkern import distributed as D
+    model, opt, sched, batches, tcfg = _setup()
+    ctx = D.Context(rank, world, rank, "ddp")
+    ddp = D.wrap(model, ctx)
+    growkern.widen_(ddp.module, opt, sched, factor=2, strategy="perturb", seed=3)
+    x, y = batches.batch(rank)  # different data on each rank
+    _, loss = ddp(x, y)
+    loss.backward()
+    return {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+
+
+def test_widen_of_the_wrapped_module_grows_through_its_wrapper():
+    a, b = run_ranks(_grow_inner_module, 2, timeout=120)
+    _assert_equal_states(a, b)
+
+
+def _refuse_builtin_hook(rank, world):
+    import torch.distributed as dist
+    import growkern
+    from growkern import distributed as D
+    model, opt, sched, _, _ = _setup()
+    ddp = D.wrap(model, D.Context(rank, world, rank, "ddp"))
+    ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        growkern.widen_(ddp, opt, sched, factor=2)
+    except ValueError as e:
+        same = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        return str(e), same, ddp.reducer is not None
+    return None
+
+
+def test_widen_refuses_a_ddp_it_cannot_rebuild_and_changes_nothing():
+    for msg, same, has_reducer in run_ranks(_refuse_builtin_hook, 2, timeout=120):
+        assert "built-in comm hook" in msg and same and has_reducer
+
+
+# --- torchrun end to end -----------------------------------------------------------
+
+@pytest.mark.skipif(not (REAL / "train.txt").is_file(), reason=f"TinyStories sample not found at {REAL}")
+def test_torchrun_train_smoke(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 -m growkern train` on the real data: each
+    step logged once, by rank 0, with parallel/world_size; the checkpoint (written by
+    rank 0) loads in a single process and says how it was trained."""
+    from growkern import checkpoint as C
+    out = tmp_path / "run"
+    env = {**os.environ, "GROWKERN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("GROWKERN_DATA", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "growkern", "train", "--preset", "tiny", "--data", str(REAL), "--steps", "4",
+           "--batch-size", "4", "--block-size", "32", "--vocab-size", "512", "--n-layer", "1",
+           "--d-model", "32", "--eval-every", "2", "--eval-batches", "1", "--save-every", "2",
+           "--threads", "1", "--out", str(out)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    print(f"torchrun smoke: {time.monotonic() - t0:.1f} s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("data-parallel on 2 processes") == 1  # rank 0 prints, rank 1 does not
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3, 4]
+    assert all(x["parallel"] == "ddp" and x["world_size"] == 2 for x in recs)
+    assert [x["step"] for x in recs if "val_loss" in x] == [2, 4]
+    ck = C.load(out)
+    assert ck.step == 4 and ck.meta["parallel"] == "ddp" and ck.meta["world_size"] == 2
+    assert ck.data["step"] == 4  # the global data cursor: one global batch per step
