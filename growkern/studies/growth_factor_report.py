@@ -10,7 +10,7 @@ import numpy as np
 
 from . import stats
 from .growth_factor import COLUMNS
-from .presets import SMOKE_NOTE
+from .presets import SMOKE_NOTE, fmt_factor as fg
 from .progress import fmt_seconds
 from .report import fmt, md_table, plots_section, pyplot, save_figure, write_csv, write_text
 
@@ -83,11 +83,11 @@ def findings(rows, factors, budgets, seeds) -> list[stats.Finding]:
 
     g0 = REFERENCE_FACTOR if REFERENCE_FACTOR in factors else None
     if g0 is not None:
-        finding(f"speedup at g = {g0:g}, mean over budgets {', '.join(f'{r:g}' for r in budgets)}",
-                f"growth pays off (speedup > 1) at g = {g0:g}",
+        finding(f"speedup at g = {fg(g0)}, mean over budgets {', '.join(f'{r:g}' for r in budgets)}",
+                f"growth pays off (speedup > 1) at g = {fg(g0)}",
                 lambda sub: np.mean([sp(sub, g0, r) for r in budgets]), "> 1")
         for r in budgets:
-            finding(f"speedup at g = {g0:g}, r = {r:g}", f"growth pays off at g = {g0:g}",
+            finding(f"speedup at g = {fg(g0)}, r = {r:g}", f"growth pays off at g = {fg(g0)}",
                     lambda sub, r=r: sp(sub, g0, r), "> 1")
     if len(budgets) >= 2:
         x = np.log2(np.asarray(budgets, dtype=float))
@@ -101,11 +101,11 @@ def findings(rows, factors, budgets, seeds) -> list[stats.Finding]:
         finding("slope of the speedup against log2(budget), mean over factors (per doubling of r)",
                 "the speedup diminishes as the budget grows", slope, "< 0")
     gmax = max(factors)
-    finding(f"speedup at the largest factor g = {gmax:g}, mean over budgets",
+    finding(f"speedup at the largest factor g = {fg(gmax)}, mean over budgets",
             "there is an upper bound on g beyond which growth does not pay (speedup < 1)",
             lambda sub: np.mean([sp(sub, gmax, r) for r in budgets]), "< 1")
     if g0 is not None and gmax > g0:
-        finding(f"speedup at g = {g0:g} minus speedup at g = {gmax:g}, mean over budgets",
+        finding(f"speedup at g = {fg(g0)} minus speedup at g = {fg(gmax)}, mean over budgets",
                 "growing by more than the best factor pays less (the speedup falls beyond it)",
                 lambda sub: np.mean([sp(sub, g0, r) - sp(sub, gmax, r) for r in budgets]), "> 0")
     return out
@@ -151,7 +151,7 @@ def _plots(out: Path, p, summary, rows, curves) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(p.factors))
     ratios = {x["factor"]: x["param_ratio"] for x in summary}
-    ax.set_xticklabels([f"{g:g}\n(N/N_s {ratios.get(g, float('nan')):.1f})" for g in p.factors], fontsize=8)
+    ax.set_xticklabels([f"{fg(g)}\n(N/N_s {ratios.get(g, float('nan')):.1f})" for g in p.factors], fontsize=8)
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     lo = min([x["speedup_lo"] for x in summary if not math.isnan(x["speedup_lo"])] +
              [x["speedup"] for x in rows])
@@ -178,7 +178,7 @@ def _plots(out: Path, p, summary, rows, curves) -> list[Path]:
         for i, x in enumerate(sub):
             color = plt.get_cmap("plasma")(i / max(1, len(sub) - 1) * 0.85)
             c = [(f, l) for f, l in x["curve"] if f > 0]
-            ax.plot([f for f, _ in c], [l for _, l in c], color=color, lw=1, label=f"g = {x['factor']:g}")
+            ax.plot([f for f, _ in c], [l for _, l in c], color=color, lw=1, label=f"g = {fg(x['factor'])}")
             ax.scatter([x["total_flops"]], [x["final_loss"]], color=color, s=12, zorder=3)
         ax.set_xscale("log")
         ax.set_xlabel("training compute (FLOPs)")
@@ -241,7 +241,7 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     for g in p.factors:
         sub = {x["budget"]: x for x in rows if x["factor"] == g and x["seed"] == p.seeds[0]}
         any_ = next(iter(sub.values()))
-        table.append([f"{g:g}", f"{any_['param_ratio']:.2f}", any_["small_d_model"], any_["small_n_head"],
+        table.append([f"{fg(g)}", f"{any_['param_ratio']:.2f}", any_["small_d_model"], any_["small_n_head"],
                       any_["small_d_ff"], any_["params_small"]]
                      + [f"{sub[r]['small_steps']} / {sub[r]['grown_steps']}" for r in p.budgets])
     L += [md_table(head, table), ""]
@@ -264,13 +264,13 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
              "stats.coverage_ceiling is 50%)" if n_seeds == 2 else ")") + ":", ""]
     sm = {(x["factor"], x["budget"]): x for x in summary}
     L += [md_table(["g (width)", "N/N_s (params)"] + [f"r = {r:g}" for r in p.budgets],
-                   [[f"{g:g}", f"{sm[(g, p.budgets[0])]['param_ratio']:.2f}"]
+                   [[f"{fg(g)}", f"{sm[(g, p.budgets[0])]['param_ratio']:.2f}"]
                     + [ci_text(sm[(g, r)]["speedup_mean"], sm[(g, r)]["speedup_lo"], sm[(g, r)]["speedup_hi"])
                        + (" (lower bound)" if sm[(g, r)]["lower_bounds"] else "") for r in p.budgets]
                     for g in p.factors]), ""]
     L += ["Per seed (" + ", ".join(f"seed {s}" for s in p.seeds) + "):", ""]
     L += [md_table(["g (width)", "N/N_s (params)"] + [f"r = {r:g}" for r in p.budgets],
-                   [[f"{g:g}", f"{sm[(g, p.budgets[0])]['param_ratio']:.2f}"]
+                   [[f"{fg(g)}", f"{sm[(g, p.budgets[0])]['param_ratio']:.2f}"]
                     + [sm[(g, r)]["speedups"] for r in p.budgets] for g in p.factors]), ""]
 
     L += ["## Findings", "",
@@ -285,10 +285,10 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     table = []
     for r in p.budgets:
         g, all_smaller, sure = largest_paying_factor(summary, p.factors, r)
-        table.append([f"{r:g}", "none" if g is None else f"{g:g} (N/N_s {sm[(g, r)]['param_ratio']:.1f})",
+        table.append([f"{r:g}", "none" if g is None else f"{fg(g)} (N/N_s {sm[(g, r)]['param_ratio']:.1f})",
                       "-" if g is None else ("yes" if sure else "no"),
                       "-" if g is None else ("yes" if all_smaller else "no"),
-                      ", ".join(f"{h:g}: {ci_text(sm[(h, r)]['speedup_mean'], sm[(h, r)]['speedup_lo'], sm[(h, r)]['speedup_hi'])}"
+                      ", ".join(f"{fg(h)}: {ci_text(sm[(h, r)]['speedup_mean'], sm[(h, r)]['speedup_lo'], sm[(h, r)]['speedup_hi'])}"
                                 for h in p.factors)])
     L += [md_table(["budget r", "largest g with mean speedup > 1", "its CI excludes 1",
                     "every smaller g > 1 too", "speedups"], table), ""]
@@ -299,7 +299,7 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     for x in rows:
         sc = curves[x["seed"]]
         at = interpolate([f for f, _ in sc], [l for _, l in sc], x["total_flops"])
-        table.append([f"{x['factor']:g}", f"{x['budget']:g}", x["seed"], x["loss_small"], x["loss_after_growth"],
+        table.append([f"{fg(x['factor'])}", f"{x['budget']:g}", x["seed"], x["loss_small"], x["loss_after_growth"],
                       x["final_loss"], at, x["total_flops"], x["scratch_flops_to_match"], x["speedup_text"]])
     L += [md_table(["g", "r", "seed", "small at growth", "after growth", "grown final", "scratch at equal compute",
                     "grown compute", "scratch compute to match", "speedup"], table), ""]

@@ -79,6 +79,15 @@ class WarmstartPreset:
         ]
 
 
+def fmt_factor(g: float) -> str:
+    """A growth factor for people: 4/3 rather than 1.33333, 1.5 and 2 as they are."""
+    from fractions import Fraction
+    f = Fraction(g).limit_denominator(12)
+    if f.denominator > 1 and abs(float(f) - g) < 1e-9 and len(f"{g:g}") > 4:  # not a short decimal
+        return f"{f.numerator}/{f.denominator}"
+    return f"{g:g}"
+
+
 @dataclass(frozen=True)
 class GrowthFactorPreset:
     name: str
@@ -129,7 +138,7 @@ class GrowthFactorPreset:
             f"target model: d_model {self.d_model} ({self.n_head} heads of head_dim {self.head_dim}), "
             f"{self.n_layer} layers, d_ff {self.ff_mult * self.d_model}, RMSNorm, vocab {self.vocab_size}, "
             f"block {self.block_size}; {par}",
-            f"growth factors g (width ratio): {', '.join(f'{g:g}' for g in self.factors)}; "
+            f"growth factors g (width ratio): {', '.join(fmt_factor(g) for g in self.factors)}; "
             f"growth strategy {self.strategy}{f'({opts})' if opts else ''}, schedule after growth: {sched}; "
             f"growth noise seed {self.growth_seed}",
             f"budgets r: {', '.join(f'{r:g}' for r in self.budgets)} tokens per non-embedding parameter "
