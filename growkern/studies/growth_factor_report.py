@@ -261,7 +261,9 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
           f"{n_seeds - 1} degree(s) of freedom"
           + (": with 2 seeds the quantile is 12.7, so the interval is wide, about 6.4 times the gap between "
              "the two seeds on each side; no bootstrap interval can cover a mean with 95% from 2 seeds, "
-             "stats.coverage_ceiling is 50%)" if n_seeds == 2 else ")") + ":", ""]
+             "stats.coverage_ceiling is 50%; the width rests on that one gap, so two seeds that agree by "
+             "chance give a narrow interval: read an agree from 2 seeds as a strong hint, not a settled "
+             "result)" if n_seeds == 2 else ")") + ":", ""]
     sm = {(x["factor"], x["budget"]): x for x in summary}
     L += [md_table(["g (width)", "N/N_s (params)"] + [f"r = {r:g}" for r in p.budgets],
                    [[f"{fg(g)}", f"{sm[(g, p.budgets[0])]['param_ratio']:.2f}"]
