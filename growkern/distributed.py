@@ -10,7 +10,8 @@ This module holds the little growkern adds (docs/distributed.md):
     loss curve are those of a single process with the same --batch-size;
   * rank-0-only side effects (is_main, run_on_main, main_first) and the reductions
     the training loop logs (mean_over_ranks, broadcast_float);
-  * widen_ of a DDP wrapper: DDP caches per-parameter state of the old shapes (the
+  * widen_ of a DDP wrapper (or of its .module: the wrapper is found): DDP caches
+    per-parameter state of the old shapes (the
     Reducer's gradient buckets, its hooks on each parameter's gradient accumulator,
     the bucket views); widen_ releases that Reducer before growing and builds a new
     one on the same wrapper afterwards with DDP's own init helper (check_growable,
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +84,9 @@ def init_from_env(device: str = "auto") -> Context:
     rank, world, local = found
     dev = device_for(device, local)
     if not dist.is_initialized():
-        if dev.type == "cuda":
+        if dev.type == "cuda":  # NCCL for CUDA tensors; gloo too, for a CPU checkpoint resumed here
             torch.cuda.set_device(dev)
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=dev)
         else:
             dist.init_process_group("gloo")
     return Context(rank, world, local, "ddp", None)
@@ -104,30 +104,29 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return model
     dev = next(model.parameters()).device
-    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-              forward_sync_buffers=False)
-    _wrappers[model] = weakref.ref(ddp)
-    return ddp
-
-
-# the DDP wrapper of each module wrap() wrapped, so that widen_(ddp.module) grows
-# through its wrapper instead of silently leaving a Reducer of the old shapes
-_wrappers: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def find_ddp(model, wrapped_only: bool = False) -> DDP | None:
     """The DDP wrapper of `model`: itself (through torch.compile), or (unless
-    wrapped_only) the wrapper that growkern.distributed.wrap put around it."""
+    wrapped_only) a live DDP object whose .module is `model` (found among the objects
+    the garbage collector tracks, while a process group is up), so that widen_(ddp.module), as in a
+    Trainer callback, grows through its wrapper instead of silently leaving it a
+    Reducer of the old shapes."""
     m = model
     while hasattr(m, "_orig_mod"):
         m = m._orig_mod
     if isinstance(m, DDP):
         return m
-    if wrapped_only:
+    if wrapped_only or not isinstance(m, nn.Module) or not (dist.is_available() and dist.is_initialized()):
         return None
-    ref = _wrappers.get(m) if isinstance(m, nn.Module) else None
-    ddp = ref() if ref is not None else None
-    return ddp if ddp is not None and ddp.module is m else None
+    import gc
+    found = [o for o in gc.get_objects() if DDP in type(o).__mro__ and o.module is m]  # one heap pass
+    if len(found) > 1:
+        raise ValueError(f"{type(m).__name__} is wrapped by {len(found)} live DistributedDataParallel objects; "
+                         f"each keeps hooks on its parameters. Drop the old ones (del, gc.collect()) and "
+                         f"grow through the one that trains")
+    return found[0] if found else None
 
 
 def context(model) -> Context:

@@ -535,10 +535,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     Raises ValueError/TypeError, with nothing changed, on anything it cannot do."""
     t0 = time.perf_counter()
     from . import distributed
-    ddp = distributed.find_ddp(model)  # its Reducer caches the old shapes: rebuilt below
+    ddp = distributed.find_ddp(model)  # the wrapper, or the one around this module: its Reducer is rebuilt
     model = unwrap(model)
-    if ddp is None:
-        ddp = distributed.find_ddp(model)  # the module growkern.distributed.wrap wrapped
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen_ grows a torch.nn.Module; got {type(model).__name__}")
     adapter = adapter_for(model)

@@ -75,12 +75,12 @@ def _tokens(n=20_000, vocab=61, seed=0):
     return np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
 
 
-def _setup(log_path=None, steps=6):
+def _setup(log_path=None, steps=6, grad_accum=1):
     from growkern import GPTConfig
     from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches
     gcfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16)
     tcfg = TrainConfig(steps=steps, batch_size=4, block_size=16, lr=1e-2, min_lr=1e-3, warmup=2,
-                       eval_every=3, eval_batches=2, progress=False, log_path=log_path)
+                       eval_every=3, eval_batches=2, progress=False, log_path=log_path, grad_accum=grad_accum)
     model = init_model(gcfg, 0).double()
     opt = build_optimizer(model, tcfg)
     return model, opt, build_scheduler(opt, tcfg), make_batches(_tokens(), tcfg), tcfg
@@ -97,13 +97,13 @@ def _state(model, opt):
     return out
 
 
-def _train_and_grow(rank, world, strategy, log_path=None, grow_at=3, end=6):
+def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=3, end=6):
     """Train to grow_at, widen_ (on the DDP wrapper when world > 1), train to end."""
     import growkern
     from growkern import distributed as D
     from growkern.data import eval_batches
     from growkern.train import train
-    model, opt, sched, batches, tcfg = _setup(log_path, end)
+    model, opt, sched, batches, tcfg = _setup(log_path, end, grad_accum)
     ctx = D.context(model)
     if world > 1:
         ctx = D.Context(rank, world, rank, "ddp")
@@ -166,14 +166,15 @@ def _assert_equal_states(a, b):
 
 
 def test_ddp_training_equals_the_single_process_run(tmp_path):
-    """2 ranks x 2 rows = the global batch of 4 of one process: the same losses, LRs,
+    """2 ranks x 2 rows = the global batch of 4 of one process (2 micro-batches a step, the
+    first under no_sync): the same losses, LRs,
     grad norms and val losses (logged as float32: to 1e-6), the same final float64 weights and
     moments (to 1e-10);
     replicas identical bit for bit; the log written once, by rank 0."""
     log = tmp_path / "metrics.jsonl"
     t0 = time.monotonic()
-    ddp = run_ranks(_train_and_grow, 2, args=(None, str(log)), timeout=120)
-    single, = run_ranks(_train_and_grow, 1, args=(None,), timeout=120)
+    ddp = run_ranks(_train_and_grow, 2, args=(None, str(log), 2), timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(None, None, 2), timeout=120)
     print(f"2 ranks + reference: {time.monotonic() - t0:.1f} s")
     _assert_equal_states(ddp[0]["final"], ddp[1]["final"])
     assert _records(ddp[0]["hist"]) == _records(ddp[1]["hist"])  # every rank sees the same records
@@ -213,13 +214,12 @@ def test_ddp_widen_mid_training_equals_the_single_process_run(strategy):
 
 
 def _grow_inner_module(rank, world):
-    """widen_(ddp.module) of a model growkern.distributed.wrap wrapped grows through the
-    wrapper; without that the old Reducer would silently stop averaging gradients."""
+    """widen_(ddp.module), as a Trainer callback does, grows through the DDP wrapper
+    the user made; without that the old Reducer would silently stop averaging gradients."""
     import growkern
-    from growkern import distributed as D
+    from torch.nn.parallel import DistributedDataParallel
     model, opt, sched, batches, tcfg = _setup()
-    ctx = D.Context(rank, world, rank, "ddp")
-    ddp = D.wrap(model, ctx)
+    ddp = DistributedDataParallel(model)
     growkern.widen_(ddp.module, opt, sched, factor=2, strategy="perturb", seed=3)
     x, y = batches.batch(rank)  # different data on each rank
     _, loss = ddp(x, y)
@@ -227,7 +227,7 @@ def _grow_inner_module(rank, world):
     return {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
 
 
-def test_widen_of_the_wrapped_module_grows_through_its_wrapper():
+def test_widen_of_the_inner_module_grows_through_its_ddp_wrapper():
     a, b = run_ranks(_grow_inner_module, 2, timeout=120)
     _assert_equal_states(a, b)
 
