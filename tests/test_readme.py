@@ -27,9 +27,12 @@ def test_readme_has_the_two_commands_first():
     assert len(first) == 2
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith(("growkern", "python"))])
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith(("growkern", "python", "torchrun"))])
 def test_readme_command_parses(command):
     words = shlex.split(command)
+    if words[0] == "torchrun":  # torchrun [its options] -m growkern ARGS
+        assert "-m" in words and words[words.index("-m") + 1] == "growkern", command
+        words = ["growkern"] + words[words.index("-m") + 2:]
     # no shell operators hiding in a line (`--preset a|b|c` is a pipe in a shell)
     assert not {"|", ";", "&", ">", "<"} & set("".join(w for w in words if not w.startswith(("'", '"')))), command
     if words[0] == "growkern":
