@@ -32,7 +32,7 @@ from ..model import GPT, GPTConfig
 from ..plan import plan_growth
 from ..widen import widen_
 from .cache import RunStore, atomic_write_json, check_output, config_key
-from .heldout import heldout_windows, load_corpus, resolve_device, torch_threads, val_loss
+from .heldout import resolve_device, study_data, torch_threads, val_loss
 from .pool import default_workers, run_units
 from .presets import default_data, get_preset, preset_dict
 from .progress import Progress, fmt_seconds
@@ -124,17 +124,6 @@ def speedup_text(value: float, exact: bool) -> str:
 # --- the units: top-level functions that read their inputs from disk, so they run in ---
 # --- worker processes (pool.run_units) as well as here ----------------------------------
 
-_DATA: dict = {}  # per process: the corpus and held-out windows
-
-
-def _study_data(p, data, cache_dir):
-    key = (str(data), p.vocab_size, str(cache_dir), p.block_size, p.eval_batch_size, p.eval_batches)
-    if key not in _DATA:
-        corpus = load_corpus(data, p.vocab_size, cache_dir)
-        _DATA[key] = corpus, heldout_windows(corpus, p.block_size, p.eval_batch_size, p.eval_batches)
-    return _DATA[key]
-
-
 def _logger(label: str | None):
     if not label:
         return None
@@ -151,7 +140,7 @@ def train_small(p, g: float, seed: int, root, save_steps, data, cache_dir, devic
     """The small model of (g, seed): checkpoints at every budget's r N_s tokens (trains only
     the missing ones). Returns {"ckpts": {step: {"path", "curve"}}, "steps", "seconds"}."""
     t0 = time.perf_counter()
-    corpus, windows = _study_data(p, data, cache_dir)
+    corpus, windows = study_data(p, data, cache_dir)
     dev = resolve_device(device)
     scfg = small_config(target_config(p, corpus.vocab_size), p, g)
     tcfg = train_config(p, seed)
@@ -166,7 +155,7 @@ def train_grown(p, g: float, r: float, seed: int, small_path, small_curve, small
                 root, data, cache_dir, device, tokenizer, label=None) -> dict:
     """Grow the small model's checkpoint to the target and continue it for grown_steps."""
     t0 = time.perf_counter()
-    corpus, windows = _study_data(p, data, cache_dir)
+    corpus, windows = study_data(p, data, cache_dir)
     dev = resolve_device(device)
     target = target_config(p, corpus.vocab_size)
 
@@ -195,7 +184,7 @@ def train_grown(p, g: float, r: float, seed: int, small_path, small_curve, small
 def train_scratch(p, seed: int, steps: int, root, data, cache_dir, device, tokenizer, label=None) -> dict:
     """The target from scratch for `steps` steps (a longer run's prefix when there is one)."""
     t0 = time.perf_counter()
-    corpus, windows = _study_data(p, data, cache_dir)
+    corpus, windows = study_data(p, data, cache_dir)
     dev = resolve_device(device)
     root = Path(root)
     counter = {"steps": 0}
@@ -238,7 +227,7 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
     n_threads = threads or p.threads
     cache_dir = out / "cache" / "corpus"
     with torch_threads(n_threads):
-        corpus, windows = _study_data(p, data, cache_dir)
+        corpus, windows = study_data(p, data, cache_dir)
         check_output(out, "growth-factor", preset_dict(p), corpus.key, force=force)
         tokref = ckpt_mod.tokenizer_ref(corpus)
         target = target_config(p, corpus.vocab_size)
