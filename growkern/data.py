@@ -20,7 +20,6 @@ import os
 import re
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .staging import remove_stale_staging, staging_name
+from .staging import atomic_open, remove_stale_staging, staging_name
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -256,22 +255,6 @@ class Corpus:
     path: Path         # the cache directory these came from
 
 
-@contextmanager
-def _atomic_open(path: Path, mode: str = "wb"):
-    # Write beside the target then rename: readers see the old file or the
-    # whole new one, never a prefix. The pid keeps concurrent writers apart.
-    remove_stale_staging(path)  # what a killed writer left
-    tmp = staging_name(path)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -297,7 +280,7 @@ def _encode_to_file(tok: Tokenizer, stories: list[str], bos: int, eos: int,
     # Chunks bound memory on the full dataset (millions of stories) while
     # encode_batch still parallelises within each chunk.
     n = 0
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         for i in range(0, len(stories), chunk):
             encs = tok.encode_batch(stories[i:i + chunk], add_special_tokens=False)
             ids = [bos]
@@ -367,7 +350,7 @@ def prepare(data: str | os.PathLike | None = None, vocab_size: int = 4096,
     else:
         tok = train_tokenizer(train_stories, vocab_size)
     bos, eos = _special_ids(tok)
-    with _atomic_open(path / "tokenizer.json", "w") as f:
+    with atomic_open(path / "tokenizer.json", "w") as f:
         f.write(tok.to_str())
 
     counts = {
@@ -382,7 +365,7 @@ def prepare(data: str | os.PathLike | None = None, vocab_size: int = 4096,
         **counts,
     }
     # Last: its presence is what marks the cache as complete.
-    with _atomic_open(path / "meta.json", "w") as f:
+    with atomic_open(path / "meta.json", "w") as f:
         json.dump(meta, f, indent=2)
 
     corpus = _load_cached(path, key)

@@ -4,7 +4,8 @@ A file or directory is written under a hidden staging name beside its target,
 `.{name}.tmp-{pid}-{uuid8}`, then renamed over it, so readers see the old version or
 the new one. A writer killed before the rename leaves its staging copy; the next
 writer of the same target removes the copies of processes that no longer exist.
-Used by checkpoints, metrics logs, and the data and tokenizer caches.
+Used by checkpoints, metrics logs, the data and tokenizer caches, and the studies'
+results. `atomic_open` is the whole recipe for one file.
 """
 from __future__ import annotations
 
@@ -73,3 +74,22 @@ def remove_stale_staging(path) -> list[Path]:
         except OSError:  # gone already (another cleaner), or not ours to remove
             pass
     return removed
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """A file object to write `path` through: it is written under a staging name beside
+    `path`, synced, and renamed over it when the block succeeds, so readers see the old
+    file or the whole new one, never a prefix (removed on failure). Text modes write
+    UTF-8. What killed writers of `path` left is removed first."""
+    path = Path(path)
+    remove_stale_staging(path)
+    tmp = staging_name(path)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

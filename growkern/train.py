@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .model import GPT
-from .staging import remove_stale_staging, staging_name
+from .staging import atomic_open, remove_stale_staging
 
 SCHEDULES = ("constant", "cosine", "wsd")
 REGIMES = ("deterministic", "stochastic")
@@ -363,7 +363,7 @@ def drop_records_after(path, step: int) -> None:
     A run killed after its last checkpoint logged steps that resuming from that
     checkpoint logs again, and a kill mid-write leaves a torn last line; both go, so an
     interrupted and resumed run logs what an uninterrupted one does. The log is
-    rewritten atomically (temp file + os.replace), and only when something goes."""
+    rewritten atomically (staging.atomic_open), and only when something goes."""
     path = Path(path)
     remove_stale_staging(path)  # the temp file of a rewrite that was killed
     try:
@@ -380,15 +380,8 @@ def drop_records_after(path, step: int) -> None:
             keep.append(line if line.endswith(b"\n") else line + b"\n")
     if keep == lines:
         return
-    tmp = staging_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as f:
+        f.writelines(keep)
 
 
 class _JsonlLog:
@@ -466,6 +459,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     """
     from . import distributed as dist_mod
     ctx = dist_mod.context(model)
+    ddp = dist_mod.find_ddp(model, wrapped_only=True) if ctx.distributed else None
     dist_mod.check_batch(cfg.batch_size, ctx)
     end = cfg.steps if end_step is None else end_step
     device = next(model.parameters()).device
@@ -503,8 +497,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
                     # DDP: gradients are averaged over ranks once, at the last micro-batch
-                    sync = (contextlib.nullcontext() if not ctx.distributed or micro == cfg.grad_accum - 1
-                            else dist_mod.find_ddp(model, wrapped_only=True).no_sync())
+                    sync = (contextlib.nullcontext() if ddp is None or micro == cfg.grad_accum - 1
+                            else ddp.no_sync())
                     with sync:
                         with _autocast(device, dtype):
                             _, loss = fwd(x, y)

@@ -215,7 +215,7 @@ def test_real_corpus_layout(real_corpus):
     assert c.vocab_size == VOCAB
     meta = json.loads((c.path / "meta.json").read_text())
     assert meta["key"] == c.key and meta["train_stories"] == 1727
-    assert not list(c.path.glob("*.tmp"))
+    assert not [f.name for f in c.path.iterdir() if ".tmp-" in f.name]  # no staging leftovers
 
 
 def test_cache_reuse_without_retraining(tmp_path, monkeypatch):

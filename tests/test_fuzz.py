@@ -627,7 +627,7 @@ def test_cli_train_arguments(data, small_ckpt, workdir, non_utf8_data):
                 toml.write_text(pick(draw, "toml", ["[model]\nn_layer = 1\n[train]\nlr = 0.002\n"],
                                      ["[model\nn_layer = \n", "[model]\nn_layerz = 1\n", "[optim]\nlr = 1\n",
                                       "[train]\nsteps = 'x'\n", "[model]\nd_model = 7\n"]))
-                argv += ["--config", pick(draw, "--config", [toml], [tmp / "missing.toml"])]  # a dir: known
+                argv += ["--config", pick(draw, "--config", [toml], [tmp / "missing.toml", tmp])]
             add_flags(draw, argv, MODEL_FLAGS, p_give=6)
         argv += ["--steps", pick(draw, "--steps", ["1", "2", "4"], ["0", "-1", "x"])]
         add_flags(draw, argv, TRAIN_FLAGS, p_give=6)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
+
+from ..staging import atomic_open
 
 # Bump when a change in the study code changes results, so old results are not reused.
 STUDY_VERSION = 2
@@ -30,20 +30,13 @@ def config_key(config: dict) -> str:
 
 
 def atomic_write_json(path, obj) -> None:
-    """Write JSON beside the target, fsync, then rename over it: readers see the old
-    file or the whole new one."""
+    """Write JSON atomically (staging.atomic_open): readers see the old file or the
+    whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def read_json(path):

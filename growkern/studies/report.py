@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
+
+from ..staging import atomic_open
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -32,9 +33,8 @@ def md_table(headers, rows) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def write_csv(path, rows, columns) -> Path:
@@ -69,10 +69,9 @@ def pyplot():
 
 def save_figure(plt, fig, path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
