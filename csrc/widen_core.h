@@ -6,11 +6,14 @@
 //     ok    = row_src[r] >= 0 && col_src[c] >= 0
 //     base  = ok ? src[row_src[r], col_src[c]] * row_scale[r] * col_scale[c] : fresh_value
 //     coef  = ok ? sigma * row_sign[r] * col_sign[c] : sigma_fresh
-//     dst   = noisy ? base + coef * N(seed, stream, r, noise_col[c]) : base
+//     dst   = noisy ? base + coef * N(seed, stream, r + row_offset, noise_col[c]) : base
 // with noisy = (sigma != 0 || sigma_fresh != 0), all in acc_t (float for
 // float32/float16/bfloat16 tensors, double for float64), rounded once to the
 // tensor's dtype. A 1-D tensor is the case C = 1 with no column maps and noise
-// column 0.
+// column 0. row_offset (0 for a whole tensor) is the row of the full new tensor
+// that row 0 of these maps is, so rows [lo, hi) built alone (maps, scales and dst
+// of those rows, row_offset = lo) get the full build's noise; counters are uint32
+// (mod 2^32).
 #pragma once
 
 #include <stdint.h>
@@ -122,7 +125,8 @@ struct Traits<bf16_t> {
 // ---- the arguments -----------------------------------------------------------
 
 // What the members of a group share. Index maps are int64; the noise counter of
-// column c is noise_col[c] (taken mod 2^32, validated >= 0 by the caller).
+// entry (r, c) is (r + row_offset, noise_col[c]), both taken mod 2^32 (noise_col
+// validated >= 0, row_offset in [0, 2^32) by the caller).
 template <typename acc_t>
 struct GroupMaps {
   int64_t R = 0;
@@ -134,6 +138,7 @@ struct GroupMaps {
   const acc_t* row_sign = nullptr;
   const acc_t* col_sign = nullptr;
   uint32_t seed = 0;
+  uint32_t row_offset = 0;  // the noise counter row of row 0
 };
 
 // One member (the parameter or a moment): its old tensor, its new tensor
@@ -166,7 +171,7 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
   const acc_t zero_tag = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t rs = g.row_src[r];
-    const uint32_t nrow = (uint32_t)r;
+    const uint32_t nrow = (uint32_t)r + g.row_offset;  // wraps mod 2^32, as the reference
     for (int mi = 0; mi < n_members; ++mi) {
       const Member<scalar_t>& m = members[mi];
       scalar_t* out = m.dst + r * g.C;
@@ -326,7 +331,7 @@ GK_UNROLL
           if (m.noisy) {
             if (!have_z || z_stream != m.stream) {  // members of one stream share the draw
               const uint32_t ncol = g.two_d ? (uint32_t)GK_LDG(g.noise_col + c) : 0u;
-              z = philox_normal(g.seed, m.stream, (uint32_t)r, ncol, tag);
+              z = philox_normal(g.seed, m.stream, (uint32_t)r + g.row_offset, ncol, tag);
               z_stream = m.stream;
               have_z = true;
             }

@@ -46,9 +46,9 @@ std::vector<at::Tensor> widen_group_cpu(at::TensorList srcs, const at::Tensor& r
                                         at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
                                         const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
                                         const std::optional<at::Tensor>& noise_col, int64_t seed,
-                                        at::IntArrayRef streams) {
+                                        at::IntArrayRef streams, int64_t row_offset) {
   return run_groups_cpu({make_group_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
-                                         sigma_fresh, row_sign, col_sign, noise_col, seed, streams)});
+                                         sigma_fresh, row_sign, col_sign, noise_col, seed, streams, row_offset)});
 }
 
 std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef group_sizes, at::TensorList row_src,
@@ -57,9 +57,10 @@ std::vector<at::Tensor> widen_groups_cpu(at::TensorList srcs, at::IntArrayRef gr
                                          at::IntArrayRef seeds, at::TensorList row_scales,
                                          const OptTensorList& col_scales, at::ArrayRef<double> fresh_values,
                                          at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
-                                         at::IntArrayRef streams) {
+                                         at::IntArrayRef streams, at::IntArrayRef row_offsets) {
   return run_groups_cpu(split_groups(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
-                                     row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams));
+                                     row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams,
+                                     row_offsets));
 }
 
 at::Tensor philox_words_cpu(const at::Tensor& rows, const at::Tensor& cols, int64_t seed, int64_t stream) {
@@ -91,12 +92,13 @@ TORCH_LIBRARY(growkern, m) {
   m.def(
       "widen_group(Tensor[] srcs, Tensor row_src, Tensor? col_src, Tensor[] row_scales, "
       "Tensor[] col_scales, float[] fresh_values, float[] sigmas, float[] sigma_fresh, "
-      "Tensor row_sign, Tensor? col_sign, Tensor? noise_col, int seed, int[] streams) -> Tensor[]");
+      "Tensor row_sign, Tensor? col_sign, Tensor? noise_col, int seed, int[] streams, int row_offset=0) "
+      "-> Tensor[]");
   m.def(
       "widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src, "
       "Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds, Tensor[] row_scales, "
-      "Tensor?[] col_scales, float[] fresh_values, float[] sigmas, float[] sigma_fresh, int[] streams) "
-      "-> Tensor[]");
+      "Tensor?[] col_scales, float[] fresh_values, float[] sigmas, float[] sigma_fresh, int[] streams, "
+      "int[] row_offsets=[]) -> Tensor[]");
   m.def("philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor");
 }
 

@@ -80,9 +80,9 @@ std::vector<at::Tensor> widen_group_cuda(at::TensorList srcs, const at::Tensor& 
                                          at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
                                          const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
                                          const std::optional<at::Tensor>& noise_col, int64_t seed,
-                                         at::IntArrayRef streams) {
+                                         at::IntArrayRef streams, int64_t row_offset) {
   return run_groups_cuda({make_group_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
-                                          sigma_fresh, row_sign, col_sign, noise_col, seed, streams)});
+                                          sigma_fresh, row_sign, col_sign, noise_col, seed, streams, row_offset)});
 }
 
 std::vector<at::Tensor> widen_groups_cuda(at::TensorList srcs, at::IntArrayRef group_sizes, at::TensorList row_src,
@@ -91,9 +91,10 @@ std::vector<at::Tensor> widen_groups_cuda(at::TensorList srcs, at::IntArrayRef g
                                           at::IntArrayRef seeds, at::TensorList row_scales,
                                           const OptTensorList& col_scales, at::ArrayRef<double> fresh_values,
                                           at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
-                                          at::IntArrayRef streams) {
+                                          at::IntArrayRef streams, at::IntArrayRef row_offsets) {
   return run_groups_cuda(split_groups(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
-                                      row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams));
+                                      row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams,
+                                      row_offsets));
 }
 
 at::Tensor philox_words_cuda(const at::Tensor& rows, const at::Tensor& cols, int64_t seed, int64_t stream) {

@@ -2,10 +2,11 @@
 //   growkern::widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src,
 //       Tensor?[] col_src, Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col,
 //       int[] seeds, Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
-//       float[] sigmas, float[] sigma_fresh, int[] streams) -> Tensor[]
+//       float[] sigmas, float[] sigma_fresh, int[] streams, int[] row_offsets=[]) -> Tensor[]
 // Group g has group_sizes[g] members; the per-member lists (srcs, row_scales,
 // col_scales, fresh_values, sigmas, sigma_fresh, streams) hold the members of
-// group 0, then of group 1, ...; the per-group lists hold one entry per group.
+// group 0, then of group 1, ...; the per-group lists hold one entry per group
+// (row_offsets: one per group, or empty for all 0; see widen_op.h).
 //
 // The call becomes a list of jobs (widen_core.h) per dtype. Everything the
 // kernels read besides the old tensors (maps, signs and scales in the compute
@@ -53,6 +54,7 @@ struct GroupArgs {
   std::vector<double> fresh_values, sigmas, sigma_fresh;
   std::vector<int64_t> streams;
   int64_t seed = 0;
+  int64_t row_offset = 0;
   WidenPlan plan;
 };
 
@@ -62,10 +64,10 @@ inline GroupArgs make_group_args(at::TensorList srcs, const at::Tensor& row_src,
                                  at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
                                  const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
                                  const std::optional<at::Tensor>& noise_col, int64_t seed,
-                                 at::IntArrayRef streams) {
+                                 at::IntArrayRef streams, int64_t row_offset) {
   GroupArgs a;
   a.plan = check_widen_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas, sigma_fresh,
-                            row_sign, col_sign, noise_col, seed, streams);
+                            row_sign, col_sign, noise_col, seed, streams, row_offset);
   a.srcs = srcs.vec();
   a.row_scales = row_scales.vec();
   a.col_scales = col_scales.vec();
@@ -79,6 +81,7 @@ inline GroupArgs make_group_args(at::TensorList srcs, const at::Tensor& row_src,
   a.sigma_fresh = sigma_fresh.vec();
   a.streams = streams.vec();
   a.seed = seed;
+  a.row_offset = row_offset;
   return a;
 }
 
@@ -89,8 +92,12 @@ inline std::vector<GroupArgs> split_groups(at::TensorList srcs, at::IntArrayRef 
                                            const OptTensorList& noise_col, at::IntArrayRef seeds,
                                            at::TensorList row_scales, const OptTensorList& col_scales,
                                            at::ArrayRef<double> fresh_values, at::ArrayRef<double> sigmas,
-                                           at::ArrayRef<double> sigma_fresh, at::IntArrayRef streams) {
+                                           at::ArrayRef<double> sigma_fresh, at::IntArrayRef streams,
+                                           at::IntArrayRef row_offsets) {
   const size_t G = group_sizes.size();
+  TORCH_CHECK(row_offsets.empty() || row_offsets.size() == G,
+              "widen_groups: row_offsets needs one entry per group (", G, ") or none (all 0), got ",
+              row_offsets.size());
   TORCH_CHECK(row_src.size() == G && col_src.size() == G && row_sign.size() == G && col_sign.size() == G &&
                   noise_col.size() == G && seeds.size() == G,
               "widen_groups: row_src, col_src, row_sign, col_sign, noise_col and seeds need one entry per "
@@ -125,7 +132,7 @@ inline std::vector<GroupArgs> split_groups(at::TensorList srcs, at::IntArrayRef 
       out.push_back(make_group_args(srcs.slice(m0, n), row_src[g], cs, row_scales.slice(m0, n), csc,
                                     fresh_values.slice(m0, n), sigmas.slice(m0, n), sigma_fresh.slice(m0, n),
                                     row_sign[g], col_sign.get(g), noise_col.get(g), seeds[g],
-                                    streams.slice(m0, n)));
+                                    streams.slice(m0, n), row_offsets.empty() ? 0 : row_offsets[g]));
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "widen_groups: group ", g, ": ", e.what_without_backtrace());
     }
@@ -222,6 +229,7 @@ void write_jobs(DtypeJobs& d, const std::vector<GroupArgs>& groups, const std::v
     job.maps.C = a.plan.C;
     job.maps.two_d = a.plan.two_d;
     job.maps.seed = (uint32_t)a.seed;
+    job.maps.row_offset = (uint32_t)a.row_offset;
     job.maps.row_src = st.device<int64_t>(x.row_src);
     job.maps.row_sign = st.device<acc_t>(x.row_sign);
     if (a.plan.two_d) {

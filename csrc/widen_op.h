@@ -2,9 +2,11 @@
 //   growkern::widen_group(Tensor[] srcs, Tensor row_src, Tensor? col_src,
 //       Tensor[] row_scales, Tensor[] col_scales, float[] fresh_values,
 //       float[] sigmas, float[] sigma_fresh, Tensor row_sign, Tensor? col_sign,
-//       Tensor? noise_col, int seed, int[] streams) -> Tensor[]
+//       Tensor? noise_col, int seed, int[] streams, int row_offset=0) -> Tensor[]
 // One call widens a parameter and all its optimizer moments (the members, in
-// order) with the group's shared maps, reading each old tensor once.
+// order) with the group's shared maps, reading each old tensor once. The noise
+// of entry (r, c) is N(seed, stream, r + row_offset, noise_col[c]): row_offset > 0
+// builds rows [row_offset, row_offset + R) of a larger tensor (growkern/ops.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -61,7 +63,7 @@ inline WidenPlan check_widen_args(at::TensorList srcs, const at::Tensor& row_src
                                   at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
                                   const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
                                   const std::optional<at::Tensor>& noise_col, int64_t seed,
-                                  at::IntArrayRef streams) {
+                                  at::IntArrayRef streams, int64_t row_offset) {
   WidenPlan p;
   p.M = (int)srcs.size();
   TORCH_CHECK(p.M >= 1, "widen_group: needs at least one source tensor");
@@ -76,6 +78,8 @@ inline WidenPlan check_widen_args(at::TensorList srcs, const at::Tensor& row_src
               (p.two_d ? M : 0), " entries (one per source for 2-D groups, none for 1-D), got ",
               col_scales.size());
   TORCH_CHECK(seed >= 0 && seed <= 0xFFFFFFFFLL, "widen_group: seed must be in [0, 2**32), got ", seed);
+  TORCH_CHECK(row_offset >= 0 && row_offset <= 0xFFFFFFFFLL, "widen_group: row_offset must be in [0, 2**32), got ",
+              row_offset);
   const auto dev = srcs[0].device();
   for (size_t i = 0; i < M; ++i) {
     const auto& s = srcs[i];

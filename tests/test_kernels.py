@@ -113,7 +113,7 @@ def make_sources(grp, old_shape, dtype, device="cpu", gen_seed=1):
 def _rho(grp, stream):
     """sqrt(-2 ln u1) of every entry's draw, float64 numpy of the group's shape."""
     R = grp.row_src.numel()
-    rows = np.arange(R)
+    rows = np.arange(R, dtype=np.int64) + grp.row_offset
     if grp.col_src is None:
         x0 = philox.philox4x32((rows, np.zeros_like(rows), 0, 0), (grp.seed, stream))[0]
     else:
@@ -355,6 +355,138 @@ def test_mixed_dtypes_and_noncontiguous_sources():
     outs = fn(srcs, grp)
     assert [o.dtype for o in outs] == [torch.float32, torch.bfloat16, torch.float64]
     assert_matches_spec(outs, srcs, grp)
+
+
+# --- row and column slices (sharded builds: each rank builds the rows it owns) ---------------
+
+SLICE_SHAPES = [((5, 7), (23, 13)), ((3, 2), (9, 1)), ((1, 1), (1, 5)), ((6,), (17,)), ((2,), (1,))]
+SLICE_MEMBERS = [dict(fresh_value=0.0, sigma=0.05, sigma_fresh=0.02, stream=3_000_000_000),
+                 dict(fresh_value=1e-3, sigma=0.3, sigma_fresh=0.5, stream=17),
+                 dict(fresh_value=0.0),
+                 dict(fresh_value=-0.25, sigma=1.0, sigma_fresh=1.0, stream=17)]
+
+
+def _cuts(n):
+    """Partitions of range(n): whole, with empty pieces, uneven, one row at a time."""
+    out = [[0, n], [0, 0, n, n], sorted({0, n, n // 3, n // 3, (2 * n) // 3 + 1 if n > 1 else n})]
+    out.append(list(range(n + 1)))
+    return [[min(c, n) for c in cs] for cs in out]
+
+
+def _slice_backend(name):
+    if name == "reference":
+        return lambda tensors, group: [reference_widen(t, group, m) for t, m in zip(tensors, group.members)]
+    return _backend(name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shapes", SLICE_SHAPES, ids=lambda s: f"{s[0]}->{s[1]}")
+@pytest.mark.parametrize("row_offset", [0, 2**32 - 7])
+def test_row_slices_concatenate_to_the_whole(backend, dtype, shapes, row_offset):
+    """group.rows(lo, hi) over a partition of the rows (empty and uneven pieces
+    included) gives the whole output bit for bit; a base row_offset near 2**32
+    checks that counters wrap as in the reference."""
+    fn = _slice_backend(backend)
+    old, new = shapes
+    grp = make_group(old, new, gen_seed=7, members=SLICE_MEMBERS)
+    grp.row_offset = row_offset
+    srcs = make_sources(grp, old, dtype, _device(backend))
+    whole = fn(srcs, grp)
+    if backend != "reference":
+        assert_matches_spec(whole, [s.cpu() for s in srcs], grp)
+    R = new[0]
+    for cuts in _cuts(R):
+        pieces = [fn(srcs, grp.rows(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        for i, w in enumerate(whole):
+            got = torch.cat([p[i] for p in pieces], dim=0)
+            assert torch.equal(got, w), (cuts, i)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shapes", [s for s in SLICE_SHAPES if len(s[1]) == 2], ids=lambda s: f"{s[0]}->{s[1]}")
+def test_col_slices_concatenate_to_the_whole(backend, dtype, shapes):
+    """group.cols(lo, hi) over a partition of the columns gives the whole output bit for
+    bit (antithetic partners may land in different pieces: noise_col carries the
+    counter), and so do blocks rows(...).cols(...)."""
+    fn = _slice_backend(backend)
+    old, new = shapes
+    grp = make_group(old, new, gen_seed=8, members=SLICE_MEMBERS)
+    srcs = make_sources(grp, old, dtype, _device(backend))
+    whole = fn(srcs, grp)
+    R, C = new
+    for cuts in _cuts(C):
+        pieces = [fn(srcs, grp.cols(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        for i, w in enumerate(whole):
+            assert torch.equal(torch.cat([p[i] for p in pieces], dim=1), w), (cuts, i)
+    rc, cc = _cuts(R)[2], _cuts(C)[2]  # a grid of blocks, each built alone
+    blocks = [[fn(srcs, grp.rows(r0, r1).cols(c0, c1)) for c0, c1 in zip(cc[:-1], cc[1:])]
+              for r0, r1 in zip(rc[:-1], rc[1:])]
+    for i, w in enumerate(whole):
+        got = torch.cat([torch.cat([b[i] for b in row], dim=1) for row in blocks], dim=0)
+        assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_batch_with_row_offsets(backend):
+    """The batch op takes one row_offset per group: the row slices of several groups in
+    one widen_groups call equal the whole groups' rows, and the default (no
+    row_offsets) is all 0."""
+    many = _batch_backend(backend)
+    items = make_batch(_device(backend))
+    whole = many(items)
+    sliced = []
+    for srcs, grp in items:
+        R = grp.row_src.numel()
+        lo, hi = min(R, 1), max(min(R, 1), R - R // 3)
+        sliced.append((srcs, grp.rows(lo, hi), lo, hi))
+    got = many([(srcs, g) for srcs, g, _, _ in sliced])
+    for (_, _, lo, hi), outs, want in zip(sliced, got, whole):
+        for a, b in zip(outs, want):
+            assert torch.equal(a, b[lo:hi])
+    from growkern.kernels.ext import groups_args
+    args = groups_args(items)
+    assert args[-1] == [0] * len(items)
+    default = torch.ops.growkern.widen_groups(*args[:-1])
+    for a, b in zip(default, [t for outs in whole for t in outs]):
+        assert torch.equal(a, b)
+
+
+def test_slices_share_and_check():
+    """rows()/cols() slice views and share the rest; bad ranges and offsets are rejected,
+    and row_offset is keyword-only (members still follows seed positionally)."""
+    grp = make_group((4, 5), (10, 8), members=SLICE_MEMBERS[:2])
+    grp.row_offset = 3
+    sub = grp.rows(2, 7)
+    assert sub.row_offset == 5 and sub.shape == (5, 8) and sub.seed == grp.seed
+    assert sub.col_src is grp.col_src and sub.noise_col is grp.noise_col and sub.col_sign is grp.col_sign
+    assert sub.row_src.data_ptr() == grp.row_src[2:].data_ptr()
+    for m, n in zip(sub.members, grp.members):
+        assert torch.equal(m.row_scale, n.row_scale[2:7]) and m.col_scale is n.col_scale
+        assert (m.fresh_value, m.sigma, m.sigma_fresh, m.stream) == (n.fresh_value, n.sigma, n.sigma_fresh,
+                                                                      n.stream)
+    sub = grp.cols(1, 4)
+    assert sub.row_offset == 3 and sub.shape == (10, 3) and sub.row_src is grp.row_src
+    assert torch.equal(sub.noise_col, grp.noise_col[1:4])
+    assert all(torch.equal(m.col_scale, n.col_scale[1:4]) for m, n in zip(sub.members, grp.members))
+    for lo, hi in ((-1, 2), (3, 2), (0, 11)):
+        with pytest.raises(ValueError):
+            grp.rows(lo, hi)
+    with pytest.raises(ValueError):
+        grp.cols(0, 9)
+    with pytest.raises(ValueError, match="1-D"):
+        make_group((4,), (6,)).cols(0, 1)
+    positional = WidenGroup(grp.row_src, grp.col_src, grp.row_sign, grp.col_sign, grp.noise_col, 1, [])
+    assert positional.members == [] and positional.row_offset == 0
+    src = make_sources(grp, (4, 5), torch.float32)
+    for bad in (-1, 2**32):
+        grp.row_offset = bad
+        with pytest.raises(ValueError, match="row_offset"):
+            reference_widen(src[0], grp, grp.members[0])
+        if AVAIL["cpu"] == "available":
+            with pytest.raises(RuntimeError, match="row_offset"):
+                resolve_backend("cpu", torch.device("cpu"))[0](src, grp)
 
 
 # --- many groups in one call (the batch form; one CUDA launch per dtype) -------------------

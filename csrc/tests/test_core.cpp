@@ -1,6 +1,7 @@
 // Unit test of the libtorch-free core: Philox4x32-10 known-answer vectors
 // (Random123's kat_vectors), 16-bit conversions, and the CPU widen core against
-// a naive double loop of the specification (growkern/ops.py), chunking included.
+// a naive double loop of the specification (growkern/ops.py), chunking included,
+// and row slices (row_offset) against the whole tensor.
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -170,11 +171,12 @@ struct RandomGroup {
 };
 
 template <typename S>
-static void test_core_against_naive(bool two_d, const char* name) {
+static void test_core_against_naive(bool two_d, const char* name, uint32_t row_offset = 0) {
   using acc_t = typename Traits<S>::acc_t;
   // compute error allowance, relative to |x a b| + |coef| rho (the bound of tests/test_kernels.py)
   const double u_acc = sizeof(acc_t) == 8 ? 0x1p-48 : 0x1p-20;
   RandomGroup<S> t(5, 7, 11, 13, two_d, 3, 1234 + (two_d ? 1 : 0) + sizeof(S));
+  t.g.row_offset = row_offset;
   const int M = t.M();
   const int64_t R = t.R, C = t.C;
   widen_rows<S>(t.g, t.ms.data(), M, 0, R);
@@ -199,8 +201,8 @@ static void test_core_against_naive(bool two_d, const char* name) {
         }
         double noise = 0, rho = 0;
         if (t.ms[m].noisy)
-          noise = coef * naive_normal(t.g.seed, t.ms[m].stream, (uint32_t)r, two_d ? (uint32_t)t.noise_col[c] : 0u,
-                                      &rho);
+          noise = coef * naive_normal(t.g.seed, t.ms[m].stream, (uint32_t)((uint64_t)r + row_offset),
+                                      two_d ? (uint32_t)t.noise_col[c] : 0u, &rho);
         const double want = base + noise;
         const double got = to_double(t.dst[m][r * C + c]);
         const double tol = ulp_of<S>(fabs(want)) + u_acc * (fabs(base) + fabs(coef) * rho);
@@ -275,6 +277,54 @@ static void test_chunks_against_rows(const char* name) {
   printf("  %-12s chunked == rows over %zu jobs, %lld chunks\n", name, jobs.size(), (long long)nchunks);
 }
 
+// Rows [lo, hi) built alone (maps, scales and dst of those rows, row_offset + lo)
+// are bit-identical to those rows of the whole build, by the row loop and by the
+// chunked path (widen_vec, the CUDA kernel's per-thread code), over a partition
+// with empty and uneven pieces; a base offset near 2^32 checks the wrap.
+template <typename S>
+static void test_row_slices(bool two_d, const char* name) {
+  constexpr int VEC = widen_vec_width<S>();
+  const uint32_t bases[2] = {0u, 0xFFFFFFF0u};
+  for (uint32_t base : bases) {
+    RandomGroup<S> t(9, 11, 37, two_d ? 29 : 1, two_d, 3, 4321 + (two_d ? 1 : 0) + sizeof(S));
+    t.g.row_offset = base;
+    const int M = t.M();
+    const int64_t R = t.R, C = t.C;
+    widen_rows<S>(t.g, t.ms.data(), M, 0, R);
+    const int64_t cuts[] = {0, 0, 1, 6, 6, 19, 20, 37};
+    for (size_t k = 0; k + 1 < sizeof(cuts) / sizeof(cuts[0]); ++k) {
+      const int64_t lo = cuts[k], hi = cuts[k + 1], n = hi - lo;
+      GroupMaps<typename Traits<S>::acc_t> sub = t.g;
+      sub.R = n;
+      sub.row_src += lo;
+      sub.row_sign += lo;
+      sub.row_offset = base + (uint32_t)lo;
+      for (int path = 0; path < 2; ++path) {
+        std::vector<std::vector<S>> piece(M, std::vector<S>(n * C + 1));
+        WidenJob<S> job;
+        job.maps = sub;
+        job.numel = n * C;
+        job.n_members = M;
+        for (int m = 0; m < M; ++m) {
+          job.m[m] = t.ms[m];
+          job.m[m].row_scale += lo;
+          job.m[m].dst = piece[m].data();
+        }
+        if (path == 0) {
+          widen_rows<S>(sub, job.m, M, 0, n);
+        } else {
+          for (int64_t v = 0; v * VEC < job.numel; ++v) widen_vec<S, VEC>(job, v * VEC);
+        }
+        for (int m = 0; m < M; ++m)
+          CHECK(n == 0 || memcmp(piece[m].data(), t.dst[m].data() + lo * C, sizeof(S) * n * C) == 0,
+                "%s: rows [%lld, %lld) (base %u, %s) member %d differ from the whole build", name,
+                (long long)lo, (long long)hi, base, path ? "chunked" : "row loop", m);
+      }
+    }
+  }
+  printf("  %-12s row slices == whole\n", name);
+}
+
 // z alone (fresh entries, sigma_fresh = 1) against the double formula, over many counters.
 static void test_normal_accuracy() {
   double worst32 = 0, worst64 = 0;
@@ -306,6 +356,13 @@ int main() {
   test_core_against_naive<f16_t>(false, "float16 1-D");
   test_core_against_naive<bf16_t>(true, "bfloat16 2-D");
   test_core_against_naive<bf16_t>(false, "bfloat16 1-D");
+  test_core_against_naive<float>(true, "float32 2-D off", 0xFFFFFFFAu);  // rows wrap mod 2^32
+  test_core_against_naive<double>(false, "float64 1-D off", 0xFFFFFFFAu);
+  test_row_slices<float>(true, "float32 2-D");
+  test_row_slices<float>(false, "float32 1-D");
+  test_row_slices<double>(true, "float64 2-D");
+  test_row_slices<bf16_t>(true, "bfloat16 2-D");
+  test_row_slices<f16_t>(false, "float16 1-D");
   test_chunks_against_rows<float>("float32");
   test_chunks_against_rows<double>("float64");
   test_chunks_against_rows<f16_t>("float16");

@@ -5,22 +5,27 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
   widen_group(Tensor[] srcs, Tensor row_src, Tensor? col_src, Tensor[] row_scales,
               Tensor[] col_scales, float[] fresh_values, float[] sigmas,
               float[] sigma_fresh, Tensor row_sign, Tensor? col_sign,
-              Tensor? noise_col, int seed, int[] streams) -> Tensor[]
+              Tensor? noise_col, int seed, int[] streams, int row_offset=0) -> Tensor[]
       One call widens a parameter and all its moments (srcs, in member order)
       with the group's shared maps; col_src None means 1-D tensors (then
       col_scales is empty). Index maps are int64 (-1 = fresh), scales and signs
       any float dtype (used as float32, float64 for float64 sources). The maps
       may live on the CPU for CUDA sources: they are packed and moved in one copy.
+      The noise of entry (r, c) is N(seed, stream, r + row_offset, noise_col[c])
+      (growkern.ops): row_offset, in [0, 2**32), is WidenGroup.row_offset, so
+      rows [lo, hi) of a tensor can be built alone with the full build's noise.
       Implementations: CPU and CUDA, each the one-group case of widen_groups.
   widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src,
                Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds,
                Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
-               float[] sigmas, float[] sigma_fresh, int[] streams) -> Tensor[]
+               float[] sigmas, float[] sigma_fresh, int[] streams,
+               int[] row_offsets=[]) -> Tensor[]
       Many groups in one call: group g has group_sizes[g] members; per-member
       lists hold the members of group 0, then group 1, ...; per-group lists one
-      entry per group. CUDA: one staging copy and one launch per dtype for all of
-      them (apex multi_tensor_apply style); CPU: the same staged jobs, each by the
-      row loop under at::parallel_for.
+      entry per group (row_offsets: one per group, or empty for all 0). CUDA:
+      one staging copy and one launch per dtype for all of them (apex
+      multi_tensor_apply style); CPU: the same staged jobs, each by the row
+      loop under at::parallel_for.
   philox_words(Tensor rows, Tensor cols, int seed, int stream) -> Tensor
       Philox4x32-10((rows, cols, 0, 0), (seed, stream)) as int64 [..., 4]: the
       raw integer stream, for tests.
@@ -82,14 +87,14 @@ def _register_fakes():
 
     @torch.library.register_fake("growkern::widen_group")
     def _widen_group_fake(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas,
-                          sigma_fresh, row_sign, col_sign, noise_col, seed, streams):
+                          sigma_fresh, row_sign, col_sign, noise_col, seed, streams, row_offset=0):
         R = row_src.shape[0]
         shape = (R,) if col_src is None else (R, col_src.shape[0])
         return [s.new_empty(shape) for s in srcs]
 
     @torch.library.register_fake("growkern::widen_groups")
     def _widen_groups_fake(srcs, group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds,
-                           row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams):
+                           row_scales, col_scales, fresh_values, sigmas, sigma_fresh, streams, row_offsets=()):
         outs, k = [], 0
         for g, n in enumerate(group_sizes):
             R = row_src[g].shape[0]
@@ -114,7 +119,7 @@ def op_args(tensors, group):
             [float(m.fresh_value) for m in ms], [float(m.sigma) for m in ms],
             [float(m.sigma_fresh) for m in ms], group.row_sign,
             group.col_sign if two_d else None, group.noise_col if two_d else None,
-            int(group.seed), [int(m.stream) for m in ms])
+            int(group.seed), [int(m.stream) for m in ms], int(group.row_offset))
 
 
 def widen_ext(tensors, group) -> list[torch.Tensor]:
@@ -126,20 +131,22 @@ def widen_ext(tensors, group) -> list[torch.Tensor]:
 
 def groups_args(items):
     """The widen_groups arguments for a list of backend-style (tensors, group)."""
-    per_group = ([], [], [], [], [], [], [])  # group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds
+    # group_sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_offsets
+    per_group = ([], [], [], [], [], [], [], [])
     per_member = ([], [], [], [], [], [], [])  # srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams
     for tensors, group in items:
         (srcs, row_src, col_src, row_scales, col_scales, fresh, sigmas, sigma_fresh, row_sign, col_sign,
-         noise_col, seed, streams) = op_args(tensors, group)
-        for lst, v in zip(per_group, (len(srcs), row_src, col_src, row_sign, col_sign, noise_col, seed)):
+         noise_col, seed, streams, row_offset) = op_args(tensors, group)
+        for lst, v in zip(per_group, (len(srcs), row_src, col_src, row_sign, col_sign, noise_col, seed,
+                                      row_offset)):
             lst.append(v)
         col_scales = col_scales or [None] * len(srcs)
         for lst, vs in zip(per_member, (srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams)):
             lst.extend(vs)
     srcs, row_scales, col_scales, fresh, sigmas, sigma_fresh, streams = per_member
-    sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds = per_group
+    sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_offsets = per_group
     return (srcs, sizes, row_src, col_src, row_sign, col_sign, noise_col, seeds, row_scales, col_scales,
-            fresh, sigmas, sigma_fresh, streams)
+            fresh, sigmas, sigma_fresh, streams, row_offsets)
 
 
 def widen_many_ext(items) -> list[list[torch.Tensor]]:

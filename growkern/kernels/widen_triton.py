@@ -1,10 +1,12 @@
 """The widen primitive (growkern.ops) as a Triton kernel, with its own Philox.
 
-Semantics are those of `growkern.ops.reference_widen`; the noise integer stream
-is Philox4x32-10 written here with uint32 ops (bit-identical to growkern.philox;
-tl.randn is not used: its counter layout differs). Math is float32 (float64 for
-float64 tensors), rounded once to the output dtype; bfloat16 is rounded to
-nearest-even explicitly (Triton's interpreter truncates float32 -> bfloat16).
+Semantics are those of `growkern.ops.reference_widen` (the noise of entry
+(r, c) is N(seed, stream, r + row_offset, noise_col[c]), counters mod 2**32);
+the noise integer stream is Philox4x32-10 written here with uint32 ops
+(bit-identical to growkern.philox; tl.randn is not used: its counter layout
+differs). Math is float32 (float64 for float64 tensors), rounded once to the
+output dtype; bfloat16 is rounded to nearest-even explicitly (Triton's
+interpreter truncates float32 -> bfloat16).
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before
 triton is imported), which is how the tests exercise it.
@@ -16,6 +18,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..ops import check_row_offset
 
 try:  # precise log1p / sinpi / cospi / sqrt on the GPU
     from triton.language.extra import libdevice
@@ -157,13 +161,15 @@ def _widen_member_kernel(src_ptr, dst_ptr, row_src_ptr, col_src_ptr, noise_col_p
         sigma_fresh = tl.load(fpar_ptr + 2).to(ft)
         seed = tl.load(key_ptr).to(tl.uint32)
         stream = tl.load(key_ptr + 1).to(tl.uint32)
+        row_offset = tl.load(key_ptr + 2)  # int64 in [0, 2**32): r + row_offset cannot overflow
         coef = sigma * tl.load(row_sign_ptr + r, mask=mask, other=0.0).to(ft)
         if TWO_D:
             ncol = tl.load(noise_col_ptr + c, mask=mask, other=0).to(tl.uint32)
             coef = coef * tl.load(col_sign_ptr + c, mask=mask, other=0.0).to(ft)
         else:
             ncol = tl.zeros_like(r).to(tl.uint32)
-        z = philox_normal(seed, stream, r.to(tl.uint32), ncol, F64, INTERPRET)
+        nrow = (r + row_offset).to(tl.uint32)  # the counter row, mod 2**32 as the reference
+        z = philox_normal(seed, stream, nrow, ncol, F64, INTERPRET)
         coef = tl.where(ok, coef, sigma_fresh)
         val = val + coef * z
     _store_rounded(dst_ptr + offs, val, mask)
@@ -259,6 +265,7 @@ def widen_triton(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
         for name, v in (("seed", group.seed), ("stream", m.stream)):
             if not 0 <= int(v) < 2 ** 32:
                 raise ValueError(f"{name} must be an int in [0, 2**32), got {v!r}")
+    row_offset = check_row_offset(group.row_offset)
     ints = _pack(dev, torch.int64, [group.row_src, group.col_src if two_d else None,
                                     group.noise_col if two_d and any(noisy) else None])
     row_src, col_src, noise_col = ints
@@ -280,7 +287,7 @@ def widen_triton(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
                 continue
             rsc, csc = views[2 + 2 * j], views[3 + 2 * j]
             fpar = torch.tensor([m.fresh_value, m.sigma, m.sigma_fresh], dtype=torch.float64, device=dev)
-            key = torch.tensor([group.seed, m.stream], dtype=torch.int64, device=dev)
+            key = torch.tensor([group.seed, m.stream, row_offset], dtype=torch.int64, device=dev)
             block = _block(numel)
             dummy = row_src
             _widen_member_kernel[(triton.cdiv(numel, block),)](
