@@ -359,6 +359,18 @@ def _tied(model: nn.Module) -> bool:
     return bool(embs and heads and any(h.weight is embs[0].weight for h in heads))
 
 
+class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.empty without a device makes meta tensors: the uninitialized storage that
+    nn.Linear, nn.Embedding and the like allocate for their weights, so a reference
+    build never allocates a full-size weight (buffers are computed by other ops and
+    stay real)."""
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
     """Parameters registered inside go to the meta device; buffers stay real."""
@@ -371,7 +383,8 @@ def _parameters_on_meta():
 
     nn.Module.register_parameter = on_meta
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register
 

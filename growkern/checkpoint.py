@@ -12,6 +12,13 @@ A checkpoint is a directory:
                        python), data cursor (Batches.state_dict())
     tokenizer.json     a copy of the tokenizer, so eval/sample need no cache
 
+A distributed run (DDP or FSDP2 under torchrun) writes its tensors with
+torch.distributed.checkpoint instead: dcp/ holds every rank's shards (weights as
+"model/NAME", optimizer moments as "optim/INDEX/KEY"), optimizer.pt the optimizer's
+param_groups and non-tensor state, and meta.json says "storage": "dcp". All ranks
+write into the same hidden directory (on a filesystem every rank sees), rank 0
+swaps it in; it loads in one process (eval, sample, grow) or on any number of ranks.
+
 Saving writes a hidden temporary directory beside the target and swaps it in with
 one rename, so a crash at any point leaves either the old checkpoint or the new one,
 never a mix; the hidden directory a killed save leaves behind is removed by the next
@@ -28,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
@@ -134,19 +142,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_directory(path: Path):
+def staged_directory(path: Path, tmp: Path | None = None):
     """A hidden temporary directory beside `path`, to write into. When the block
     succeeds, its files are synced and it replaces `path` (or becomes it) with one
     atomic exchange, so a crash at any point leaves the old directory or the new one,
     never a mix; on failure it is removed and `path` is untouched. What killed writes of
-    `path` left beside it is removed first (remove_stale_staging)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(path)
-    tmp = staging_name(path)
-    tmp.mkdir()
+    `path` left beside it is removed first (remove_stale_staging). `tmp`: a staging
+    directory made already (make_staging), as the ranks of a distributed save share."""
+    tmp = tmp or make_staging(path)
     try:
         yield tmp
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files, then their directories
             _fsync(f)
         _fsync(tmp)
         if path.exists():
@@ -162,6 +168,14 @@ def staged_directory(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def make_staging(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    tmp = staging_name(path)
+    tmp.mkdir()
+    return tmp
+
+
 def _to_dict(x):
     return asdict(x) if is_dataclass(x) else dict(x)
 
@@ -169,16 +183,23 @@ def _to_dict(x):
 def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainConfig,
          batches=None, data_state: dict | None = None, tokenizer: dict | None = None,
          tokenizer_file=None,
-         growth_history=(), rng: dict | None = None, extra: dict | None = None) -> Path:
+         growth_history=(), rng: dict | None = None, extra: dict | None = None,
+         storage: str | None = None) -> Path:
     """Write a full-state checkpoint to directory `path`, atomically replacing any
     checkpoint there. `batches`: the training stream (its cursor is saved);
     `tokenizer`: a reference such as tokenizer_ref(corpus) (path, cache key, vocab);
     `tokenizer_file`: a tokenizer.json to copy in (default: tokenizer['path']);
-    `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states."""
+    `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states.
+    `storage`: "file" (one process writes), "dcp" (torch.distributed.checkpoint);
+    default: "dcp" for a DDP or FSDP2 model (then a collective: every rank calls save),
+    else "file"."""
+    if storage not in (None, "file", "dcp"):
+        raise ValueError(f"storage must be 'file' or 'dcp', got {storage!r}")
     from .distributed import context
     from .train import unwrap
     path = Path(path)
-    parallel = context(model).describe()  # a DDP wrapper: {"parallel": "ddp", "world_size": N}
+    ctx = context(model)
+    parallel = ctx.describe()  # a DDP wrapper: {"parallel": "ddp", "world_size": N}
     model = unwrap(model)
     # load() rebuilds both from the TrainConfig, so they must be the ones it would build
     if any("param_names" not in g for g in optimizer.param_groups):
@@ -188,31 +209,111 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             and all(isinstance(f, LRSchedule) for f in scheduler.lr_lambdas)):
         raise ValueError("save() needs the scheduler of growkern.train.build_scheduler "
                          "(a LambdaLR of LRSchedule)")
+    if ctx.distributed and storage == "file":
+        raise ValueError("a distributed model is saved with storage='dcp' (each rank writes its shards)")
     if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not a growkern checkpoint; refusing to replace it")
-    with staged_directory(path) as tmp:
-        weights = _write_weights(tmp, model)
-        _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
-        _write_torch(tmp / STATE, {
-            "scheduler": scheduler.state_dict(),
-            "rng": rng if rng is not None else rng_state(),
-            "data": batches.state_dict() if batches is not None else data_state,
-        })
-        tok_src = tokenizer_file or (tokenizer or {}).get("path")
-        if tok_src and Path(tok_src).is_file():
-            shutil.copyfile(tok_src, tmp / TOKENIZER)
-        files = {f.name: file_entry(f) for f in sorted(tmp.iterdir())}
-        meta = {
-            "format": FORMAT, "step": int(step),
-            "gpt_config": model.config.to_dict(), "train_config": train_config.to_dict(),
-            "tokenizer": tokenizer, "growth_history": [_to_dict(r) for r in growth_history],
-            "weights": weights,
-            "param_names": [g.get("param_names") for g in optimizer.param_groups],
-            "torch": torch.__version__, "files": files, "extra": extra or {},
-            **parallel,
-        }
-        _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
+    distributed = ctx.distributed or storage == "dcp"
+    if ctx.distributed:  # a collective: rank 0 makes the staging directory, every rank writes into it
+        import torch.distributed as dist
+        name = [str(make_staging(path)) if ctx.is_main else None]
+        dist.broadcast_object_list(name, src=0, group=ctx.group)
+        tmp = Path(name[0])
+        err = None
+        try:
+            _write_dcp(tmp, model, optimizer, ctx)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
+            err = e
+        failed = torch.tensor([float(err is not None)])
+        dist.all_reduce(failed, group=ctx.group)  # every rank learns whether all wrote their shards
+        if failed.item():
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if err is not None:
+                raise err
+            raise RuntimeError(f"saving {path} failed on another rank; the previous checkpoint is kept")
+        if not ctx.is_main:
+            dist.barrier(group=ctx.group)  # rank 0 finishes and swaps the directory in
+            return path
+    else:
+        tmp = make_staging(path)
+        if distributed:
+            _write_dcp(tmp, model, optimizer, ctx)
+    try:
+        with staged_directory(path, tmp):
+            if distributed:
+                weights = DCP_DIR
+                _write_torch(tmp / OPTIMIZER, _optimizer_skeleton(optimizer))
+            else:
+                weights = _write_weights(tmp, model)
+                _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
+            _write_torch(tmp / STATE, {
+                "scheduler": scheduler.state_dict(),
+                "rng": rng if rng is not None else rng_state(),
+                "data": batches.state_dict() if batches is not None else data_state,
+            })
+            tok_src = tokenizer_file or (tokenizer or {}).get("path")
+            if tok_src and Path(tok_src).is_file():
+                shutil.copyfile(tok_src, tmp / TOKENIZER)
+            files = {str(f.relative_to(tmp)): file_entry(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            meta = {
+                "format": FORMAT, "step": int(step),
+                "gpt_config": model.config.to_dict(), "train_config": train_config.to_dict(),
+                "tokenizer": tokenizer, "growth_history": [_to_dict(r) for r in growth_history],
+                "weights": weights, "storage": "dcp" if distributed else "file",
+                "param_names": [g.get("param_names") for g in optimizer.param_groups],
+                "torch": torch.__version__, "files": files, "extra": extra or {},
+                **parallel,
+            }
+            _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
+    finally:
+        if ctx.distributed:
+            import torch.distributed as dist
+            dist.barrier(group=ctx.group)
     return path
+
+
+DCP_DIR = "dcp"
+
+
+def _write_dcp(tmp: Path, model, optimizer, ctx) -> None:
+    """Every rank writes its shards of the weights and optimizer moments (FSDP2's
+    DTensors; DDP's replicated tensors are written once) with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    tensors = {f"model/{n}": p.detach() for n, p in model.named_parameters()}
+    tensors.update({f"model/{n}": b.detach() for n, b in model.named_buffers() if n in model.state_dict()})
+    for i, st in optimizer.state_dict()["state"].items():
+        tensors.update({f"optim/{i}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)),
+             process_group=ctx.group if ctx.distributed else None, no_dist=not ctx.distributed)
+
+
+def _optimizer_skeleton(optimizer) -> dict:
+    """optimizer.state_dict() without its tensors (they are in dcp/)."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: v for k, v in st.items() if not torch.is_tensor(v)}
+                      for i, st in sd["state"].items()},
+            "tensor_keys": {i: [k for k, v in st.items() if torch.is_tensor(v)] for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+
+
+def _read_dcp(path: Path) -> dict:
+    """The whole tensors of a DCP checkpoint in this process, by key, on the CPU."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        reader = dcp.FileSystemReader(str(path / DCP_DIR))
+        md = reader.read_metadata()
+        out = {k: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+        # every rank reads every tensor whole: no collective needed, so no process group used
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(out, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        raise _err(path, f"cannot read the distributed checkpoint {DCP_DIR}/: {e}") from None
+    return out
 
 
 # --- reading --------------------------------------------------------------------
@@ -291,7 +392,11 @@ def read_meta(path) -> tuple[Path, dict]:
 
 def _check_files(path: Path, meta: dict, verify: bool) -> None:
     listed = meta["files"]
-    for name in (meta["weights"], OPTIMIZER, STATE):
+    storage = meta.get("storage", "file")
+    if storage not in ("file", "dcp"):
+        raise _err(path, f"storage {storage!r}; this growkern reads 'file' and 'dcp'")
+    need = (OPTIMIZER, STATE) + ((meta["weights"],) if storage == "file" else (f"{DCP_DIR}/.metadata",))
+    for name in need:
         if name not in listed:
             raise _err(path, f"{META} does not list {name}")
     for name, entry in listed.items():
@@ -327,19 +432,24 @@ def _configs(path: Path, meta: dict) -> tuple[GPTConfig, TrainConfig]:
     return gcfg, tcfg
 
 
-def _load_weights(path: Path, meta: dict, model: GPT, device) -> None:
+def _read_weights_file(path: Path, meta: dict, device) -> dict:
     f = path / meta["weights"]
     try:
         if meta["weights"] == WEIGHTS_ST:
             if _st is None:
                 raise _err(path, "weights are in safetensors format: pip install safetensors")
-            sd = _st.load_file(str(f), device=str(device))
-        else:
-            sd = torch.load(f, map_location=device, weights_only=True)
+            return _st.load_file(str(f), device=str(device))
+        return torch.load(f, map_location=device, weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:
         raise _err(path, f"cannot read {meta['weights']}: {e}") from None
+
+
+def _load_weights(path: Path, meta: dict, model: GPT, device, sd: dict | None = None) -> None:
+    """The weights into `model`: from the weights file, or `sd` (read from dcp/)."""
+    if sd is None:
+        sd = _read_weights_file(path, meta, device)
     expected = dict(model.named_parameters())
     expected.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
     missing = [n for n in expected if n not in sd]
@@ -360,11 +470,17 @@ def _load_weights(path: Path, meta: dict, model: GPT, device) -> None:
             t.copy_(sd[n])
 
 
-def _load_optimizer(path: Path, meta: dict, optimizer, model: GPT, device) -> None:
+def _load_optimizer(path: Path, meta: dict, optimizer, model: GPT, device, tensors: dict | None = None) -> None:
     try:
         sd = torch.load(path / OPTIMIZER, map_location=device, weights_only=True)
     except Exception as e:
         raise _err(path, f"cannot read {OPTIMIZER}: {e}") from None
+    if tensors is not None:  # a DCP checkpoint: the moments come from dcp/
+        try:
+            for i, keys in sd.pop("tensor_keys").items():
+                sd["state"][i].update({k: tensors[f"optim/{i}/{k}"].to(device) for k in keys})
+        except KeyError as e:
+            raise _err(path, f"{DCP_DIR}/ lacks optimizer tensor {e}") from None
     for k in ("state", "param_groups"):
         if k not in sd:
             raise _err(path, f"{OPTIMIZER} lacks key {k!r}")
@@ -425,10 +541,14 @@ def load(path, device="cpu", verify: bool = True) -> Checkpoint:
         raise _err(path, f"step must be an int >= 0, got {step!r}")
     device = torch.device(device)
     model = GPT(gcfg).to(device)
-    _load_weights(path, meta, model, device)
+    tensors = _read_dcp(path) if meta.get("storage") == "dcp" else None
+    weights = None
+    if tensors is not None:
+        weights = {k[len("model/"):]: v.to(device) for k, v in tensors.items() if k.startswith("model/")}
+    _load_weights(path, meta, model, device, weights)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)
-    _load_optimizer(path, meta, optimizer, model, device)
+    _load_optimizer(path, meta, optimizer, model, device, tensors)
     state = _load_state(path)
     _load_scheduler(path, state["scheduler"], scheduler, tcfg, step)
     return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, scheduler=scheduler,

@@ -295,16 +295,26 @@ def _train(args, ctx: dist_mod.Context) -> int:
     if start >= end:
         say(f"nothing to do: the checkpoint is at step {start}, the run ends at {end}")
         return 0
+    if (args.fsdp or args.fsdp_param_dtype) and not ctx.distributed:
+        raise CLIError("--fsdp shards the model over the processes of torchrun "
+                       "(torchrun --nproc_per_node N -m growkern train --fsdp ...); this is one process")
+    if args.fsdp_param_dtype and not args.fsdp:
+        raise CLIError("--fsdp-param-dtype goes with --fsdp")
     if ctx.distributed:
         dist_mod.check_batch(tcfg.batch_size, ctx)
         if tcfg.regime == "stochastic":
             dist_mod.decorrelate_rng(ctx)  # each rank its own dropout masks
-        model = dist_mod.wrap(model, ctx)
-        say(f"data-parallel on {ctx.world_size} processes (DDP): global batch {tcfg.batch_size}, "
-            f"{tcfg.batch_size // ctx.world_size} sequences per rank")
-    # rank 0 writes, the others wait at a barrier
-    save = dist_mod.run_on_main(
-        _saver(out, model, optimizer, scheduler, batches, tcfg, tokenizer, tok_file, history), ctx)
+        if args.fsdp:
+            ctx = dist_mod.Context(ctx.rank, ctx.world_size, ctx.local_rank, "fsdp")
+            model = dist_mod.shard_model(model, optimizer, ctx, getattr(torch, args.fsdp_param_dtype or "", None))
+            kind = "sharded (FSDP2)"
+        else:
+            model = dist_mod.wrap(model, ctx)
+            kind = "data-parallel (DDP)"
+        say(f"{kind} on {ctx.world_size} processes: global batch {tcfg.batch_size}, "
+            f"{tcfg.batch_size // ctx.world_size} sequences per rank; checkpoints with torch.distributed.checkpoint")
+    # a distributed save is a collective: every rank writes its shards, rank 0 the rest
+    save = _saver(out, model, optimizer, scheduler, batches, tcfg, tokenizer, tok_file, history)
 
     def on_step(rec):
         if args.save_every and rec["step"] % args.save_every == 0 and rec["step"] < end:
@@ -483,7 +493,7 @@ def cmd_grow(args) -> int:
     ckpt_mod.save(out / "ckpt", ck.model, ck.optimizer, ck.scheduler, step=ck.step,
                   train_config=ck.train_config, data_state=ck.data, rng=ck.rng,
                   tokenizer=ck.tokenizer, tokenizer_file=ck.tokenizer_file,
-                  growth_history=ck.growth_history + [entry])
+                  growth_history=ck.growth_history + [entry], storage=ck.meta.get("storage", "file"))
     print(f"grown checkpoint at step {ck.step}: {out / 'ckpt'}")
     return 0
 
@@ -735,6 +745,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=0, metavar="N", help="also checkpoint every N steps")
     t.add_argument("--force", action="store_true", help="start a new run in an OUT that holds one")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard per block and the "
+                                                       "root) instead of DDP")
+    t.add_argument("--fsdp-param-dtype", choices=["bfloat16", "float16"], metavar="DTYPE",
+                   help="with --fsdp: compute in this dtype (bfloat16, float16), reduce gradients in the "
+                        "parameters' dtype")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's); "
                                                             "1 is steadier on a busy machine")

@@ -10,6 +10,8 @@ This module holds the little growkern adds (docs/distributed.md):
     loss curve are those of a single process with the same --batch-size;
   * rank-0-only side effects (is_main, run_on_main, main_first) and the reductions
     the training loop logs (mean_over_ranks, broadcast_float);
+  * FSDP2 (shard_model): torch's fully_shard per block and on the root, the optimizer
+    moved onto the sharded parameters;
   * widen_ of a DDP wrapper (or of its .module: the wrapper is found): DDP caches
     per-parameter state of the old shapes (the
     Reducer's gradient buckets, its hooks on each parameter's gradient accumulator,
@@ -28,13 +30,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+try:  # FSDP2 (torch >= 2.6)
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch
+    FSDPModule = MixedPrecisionPolicy = fully_shard = DTensor = None
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
 class Context:
     """Where this process stands: rank, world_size, local_rank, and the parallelism
-    ("single" or "ddp")."""
+    ("single", "ddp" or "fsdp")."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -107,6 +115,98 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
 
 
+# the module lists holding the transformer blocks, by model family (growkern.GPT,
+# Llama-style transformers models, GPT-2): fully_shard goes on each of their items
+BLOCK_LISTS = ("blocks", "model.layers", "transformer.h")
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    for path in BLOCK_LISTS:
+        m = model
+        for part in path.split("."):
+            m = getattr(m, part, None)
+        if isinstance(m, nn.ModuleList):
+            return list(m)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard; "
+                     f"looked for a ModuleList at {', '.join(BLOCK_LISTS)}")
+
+
+def shard_model(model: nn.Module, optimizer, ctx: Context, param_dtype: torch.dtype | None = None):
+    """FSDP2: torch's fully_shard on every transformer block and on the root, over a
+    1-D mesh of all ranks (each parameter's rows split as torch.chunk splits them;
+    param_dtype: compute in that dtype, reduce gradients in the parameters' dtype).
+    fully_shard makes new (DTensor) parameters, so the optimizer is moved onto them:
+    its groups hold the new objects and its state this rank's rows of the old, full
+    state (every rank holds the same full state before: a new run, or a checkpoint
+    loaded whole). Returns the model, now an FSDPModule."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if fully_shard is None:
+        raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is "
+                           f"{torch.__version__}")
+    dev = next(model.parameters()).device
+    mesh = init_device_mesh(dev.type, (ctx.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype)
+    before = dict(model.named_parameters())
+    for block in blocks_of(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if optimizer is None:
+        return model
+    after = dict(model.named_parameters())
+    new_of = {id(p): after[n] for n, p in before.items()}
+    state = {}
+    for p, st in optimizer.state.items():
+        new = new_of[id(p)]
+        state[new] = {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None)
+                      if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0 else v
+                      for k, v in st.items()}
+    for group in optimizer.param_groups:
+        group["params"] = [new_of[id(p)] for p in group["params"]]
+    optimizer.state.clear()
+    optimizer.state.update(state)
+    return model
+
+
+def gradient_sync(model, enabled: bool):
+    """A context in which backward does (or, enabled=False, does not) reduce gradients
+    across ranks: DDP's no_sync, FSDP2's set_requires_gradient_sync; nothing for a
+    single process. For gradient accumulation: sync at the last micro-batch only."""
+    if enabled:
+        return contextlib.nullcontext()
+    ddp = find_ddp(model, wrapped_only=True)
+    if ddp is not None:
+        return ddp.no_sync()
+    fsdp = find_fsdp(model)
+    if fsdp is not None:
+        return _fsdp_no_sync(fsdp)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(fsdp):
+    fsdp.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        fsdp.set_requires_gradient_sync(True)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP2 module's gathered parameters, so that the module holds its
+    sharded parameters again (the optimizer's): an eval forward leaves the root
+    gathered until a backward."""
+    for m in model.modules():
+        if FSDPModule is not None and isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local(t):
+    """A plain tensor of a DTensor's full value (a collective: every rank calls it in
+    the same order); other tensors as they are."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
 def find_ddp(model, wrapped_only: bool = False) -> DDP | None:
     """The DDP wrapper of `model`: itself (through torch.compile), or (unless
     wrapped_only) a live DDP object whose .module is `model` (found among the objects
@@ -129,9 +229,25 @@ def find_ddp(model, wrapped_only: bool = False) -> DDP | None:
     return found[0] if found else None
 
 
+def find_fsdp(model) -> nn.Module | None:
+    """The model itself (through torch.compile) when it is a root FSDP2 module
+    (fully_shard applied to it), else None."""
+    m = model
+    while hasattr(m, "_orig_mod"):
+        m = m._orig_mod
+    return m if FSDPModule is not None and isinstance(m, FSDPModule) else None
+
+
 def context(model) -> Context:
-    """The Context of a model: "ddp" with its process group's rank and size when it is
-    a DDP wrapper (through torch.compile), else a single process."""
+    """The Context of a model: "ddp" or "fsdp" with its process group's rank and size
+    when it is a DDP wrapper or an FSDP2 root (through torch.compile), else a single
+    process."""
+    fsdp = find_fsdp(model)
+    if fsdp is not None:
+        param = next(p for p in fsdp.parameters() if isinstance(p, DTensor))
+        pg = param.device_mesh.get_group()
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank(pg)))
+        return Context(dist.get_rank(pg), dist.get_world_size(pg), local, "fsdp", pg)
     ddp = find_ddp(model, wrapped_only=True)
     if ddp is None:
         return SINGLE
@@ -292,3 +408,98 @@ def _check_same_values(ddp: DDP) -> None:
         raise RuntimeError(f"widen_ under DDP: the grown parameters differ across ranks (first: {first}); "
                            f"every rank must call widen_ with the same model state and arguments "
                            f"(plan, strategy, seed)")
+
+
+# --- growth of an FSDP2-sharded model ------------------------------------------------
+
+def fsdp_params(model: nn.Module) -> dict:
+    """id(sharded parameter) -> its FSDPParam (torch's per-parameter FSDP state), over
+    every fully_shard-ed module of the model."""
+    out = {}
+    for m in model.modules():
+        if FSDPModule is not None and isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fp in (group.fsdp_params if group is not None else ()):
+                out[id(fp.sharded_param)] = fp
+    return out
+
+
+def check_fsdp_growable(model: nn.Module, plan) -> dict:
+    """Refuse, before anything changes, what sharded growth cannot do; returns
+    fsdp_params(model). Moves every module to its sharded state (an eval forward
+    leaves the root unsharded)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
+
+    def no(what):
+        raise ValueError(f"widen_ cannot grow this FSDP2 model: {what}; supported: fully_shard on a 1-D "
+                         f"mesh, parameters sharded on dim 0, no CPU offload (growkern.distributed.shard_model)")
+    if not dist.is_initialized():
+        no("its process group is gone")
+    reshard(model)  # the module attributes are the sharded parameters again
+    fps = fsdp_params(model)
+    for name, p in model.named_parameters():
+        fp = fps.get(id(p))
+        if fp is None:
+            no(f"parameter {name} is not managed by fully_shard")
+        if fp.fsdp_placement.dim != 0 or fp.is_dtensor:
+            no(f"parameter {name} is sharded as {fp.fsdp_placement} (or holds a DTensor of its own)")
+        if isinstance(fp.mesh_info, HSDPMeshInfo) or not isinstance(fp.mesh_info, FSDPMeshInfo):
+            no(f"parameter {name} is on a {type(fp.mesh_info).__name__} (HSDP or replicate)")
+        if fp.offload_to_cpu:
+            no(f"parameter {name} is offloaded to the CPU")
+        if hasattr(fp, "_extensions_data"):
+            no(f"parameter {name} uses FSDP all-gather extensions")
+        if plan.tensors[name].orthogonalize_fresh_rows:
+            no(f"the strategy orthogonalizes {name}'s fresh rows against all old rows, which no rank "
+               f"holds after sharding; use a strategy without orthogonalize_fresh_rows")
+    return fps
+
+
+def owned_rows(n: int, fp) -> tuple[int, int]:
+    """The rows [lo, hi) of an n-row tensor this rank holds under FSDP2's dim-0
+    split (torch.chunk: chunks of ceil(n / world), the last ones shorter or empty)."""
+    world, rank = fp.mesh_info.shard_mesh_size, fp.mesh_info.shard_mesh_rank
+    size = -(-n // world)
+    lo = min(rank * size, n)
+    return lo, min(lo + size, n)
+
+
+def install_shard(fp, p: nn.Parameter, new_shape, shard: torch.Tensor, moments: list) -> list:
+    """Make `p` (the same nn.Parameter object) the sharded parameter of new global
+    shape `new_shape` whose rows on this rank are `shard`: FSDP's own initializer
+    rebuilds the FSDPParam's metadata from a meta tensor of the new shape (sizes,
+    padding, DTensor spec), the padded local storage then takes the shard, and the
+    parameter's contents are swapped in place (torch.utils.swap_tensors) so that the
+    optimizer's keys and the module's references stay valid. Returns the moments as
+    DTensors with the parameter's sharding."""
+    uid = fp._orig_param_uid
+    meta = nn.Parameter(torch.empty(new_shape, dtype=shard.dtype, device="meta"), requires_grad=p.requires_grad)
+    fp._init_sharded_param(meta, fp.device, None, fp.mesh_info)
+    if fp.post_forward_mesh_info is not None:
+        fp._init_sharded_post_forward_param_metadata(meta)
+    fp._orig_param_uid = uid
+    padded = shard.new_zeros(fp.padded_sharded_param_size)
+    padded[:shard.shape[0]].copy_(shard)
+    fp._sharded_param_data = padded.view(-1)
+    new = nn.Parameter(fp.to_sharded_dtensor(padded.narrow(0, 0, shard.shape[0])), requires_grad=p.requires_grad)
+    p.grad = None
+    torch.utils.swap_tensors(p, new)
+    fp.sharded_param = p
+    fp._setattr_on_modules(p)
+    # the unsharded parameter and all-gather buffers are rebuilt at the next all-gather
+    fp.all_gather_outputs = []
+    fp._unsharded_inner_tensors = []
+    fp.unsharded_accumulated_grad = None
+    if hasattr(fp, "_unsharded_param"):
+        del fp._unsharded_param
+    return [fp.to_sharded_dtensor(m) for m in moments]
+
+
+def finish_fsdp_growth(model: nn.Module) -> None:
+    """Drop what each FSDP parameter group cached of the old sizes."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group._all_gather_result = None
+                group._all_gather_output = torch.empty(0, device=group.device)

@@ -459,7 +459,6 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     """
     from . import distributed as dist_mod
     ctx = dist_mod.context(model)
-    ddp = dist_mod.find_ddp(model, wrapped_only=True) if ctx.distributed else None
     dist_mod.check_batch(cfg.batch_size, ctx)
     end = cfg.steps if end_step is None else end_step
     device = next(model.parameters()).device
@@ -496,20 +495,18 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                         x, y = dist_mod.shard(x, ctx), dist_mod.shard(y, ctx)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    # DDP: gradients are averaged over ranks once, at the last micro-batch
-                    sync = (contextlib.nullcontext() if ddp is None or micro == cfg.grad_accum - 1
-                            else ddp.no_sync())
-                    with sync:
+                    # DDP/FSDP2: gradients are averaged over ranks once, at the last micro-batch
+                    with dist_mod.gradient_sync(model, micro == cfg.grad_accum - 1):
                         with _autocast(device, dtype):
                             _, loss = fwd(x, y)
                         # the mean over micro-batches, so grad_accum does not change the LR's meaning
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
                 if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                else:
+                    grad_norm = dist_mod.local(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:  # (FSDP2: each norm of a sharded gradient is a collective)
                     grad_norm = torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                        torch.stack([dist_mod.local(p.grad.norm()) for p in params if p.grad is not None]))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -526,7 +523,10 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                     rec.update(ctx.describe())
                 last = step + 1 == end
                 if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-                    if ctx.distributed:  # on rank 0, through the module (no DDP collectives)
+                    if ctx.kind == "fsdp":  # every rank: the forward gathers the shards
+                        rec["val_loss"] = evaluate(model, eval_data, dtype)
+                        dist_mod.reshard(model)  # a forward without backward leaves the root gathered
+                    elif ctx.distributed:  # on rank 0, through the module (no DDP collectives)
                         val = evaluate(gpt, eval_data, dtype) if ctx.is_main else None
                         rec["val_loss"] = dist_mod.broadcast_float(val, ctx, device)
                     else:

@@ -188,9 +188,10 @@ def _check_new_config(model, adapter: Adapter, plan: GrowthPlan, ref_old, ref_ne
                              f"allowed: targets the config can hold, e.g. a growth factor")
 
 
-def _check_memory(model, optimizer, plan):
-    """Fail up front when the new state cannot fit on the device."""
-    need = new_state_bytes(model, optimizer, plan)
+def _check_memory(model, optimizer, plan, shards: int = 1):
+    """Fail up front when the new state cannot fit on the device (this rank's 1/shards
+    of it under FSDP2)."""
+    need = new_state_bytes(model, optimizer, plan) // shards
     dev = next(model.parameters()).device
     free = _free_bytes(dev)
     if free is not None and need > free:
@@ -326,8 +327,10 @@ def batch_indices(sizes: list[int]) -> list[list[int]]:
     return batches
 
 
-def _batches(model, optimizer):
+def _batches(model, optimizer, sharded: bool = False):
     named = list(model.named_parameters())
+    if sharded:  # one parameter at a time: each is gathered whole
+        return [[item] for item in named]
     sizes = [p.nbytes + sum(v.nbytes for v in _moments(optimizer, p).values()) for _, p in named]
     return [[named[i] for i in b] for b in batch_indices(sizes)]
 
@@ -503,12 +506,13 @@ def _restart_schedule(scheduler) -> None:
     scheduler._initial_step()
 
 
-def _finish_gain(p: torch.Tensor, tp: TensorPlan):
+def _finish_gain(p: torch.Tensor, tp: TensorPlan, rows: tuple[int, int] | None = None):
     """Norms computing x_hat * (offset + w): the primitive mapped w with the scales of
     the effective gain; w' = a w + offset (a - 1) on kept entries, fresh ones hold
-    the effective value and take - offset."""
-    kept = (tp.rows.src >= 0).to(p.device)
-    a = tp.rows.scale.to(p.device)
+    the effective value and take - offset. `rows`: p holds only these rows [lo, hi)."""
+    lo, hi = rows if rows is not None else (0, tp.rows.src.numel())
+    kept = (tp.rows.src[lo:hi] >= 0).to(p.device)
+    a = tp.rows.scale[lo:hi].to(p.device)
     fix = torch.where(kept, tp.gain_offset * (a - 1), torch.full_like(a, -tp.gain_offset))
     p.copy_((p.double() + fix).to(p.dtype))
 
@@ -536,6 +540,7 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     t0 = time.perf_counter()
     from . import distributed
     ddp = distributed.find_ddp(model)  # the wrapper, or the one around this module: its Reducer is rebuilt
+    fsdp = distributed.find_fsdp(model)  # an FSDP2 root: grown shard by shard
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen_ grows a torch.nn.Module; got {type(model).__name__}")
@@ -555,8 +560,10 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         _check_restartable(scheduler)
     if ddp is not None:
         distributed.check_growable(ddp)
+    if fsdp is not None:
+        fsdp_of = distributed.check_fsdp_growable(model, plan)  # and reshards every module
     # memory first: the reference builds below allocate each new-width parameter briefly
-    new_bytes = _check_memory(model, optimizer, plan)
+    new_bytes = _check_memory(model, optimizer, plan, 1 if fsdp is None else distributed.context(model).world_size)
     new_config = adapter.new_config(model.config, plan.new)
     ref_old = adapter.build_reference(model.config, like=model)
     ref_new = adapter.build_reference(new_config, like=model)
@@ -576,27 +583,37 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         distributed.release_reducer(ddp)  # its buckets and hooks hold the old shapes
     strategy = plan.strategy
     with torch.no_grad():
-        for batch in _batches(model, optimizer):
+        for batch in _batches(model, optimizer, sharded=fsdp is not None):
             items, states = [], []
             for name, p in batch:
                 tp = plan.tensors[name]
                 moments = _moments(optimizer, p)
-                olds = [p.data, *moments.values()]
+                # FSDP2: the whole old tensors (an all-gather each), one parameter at a time
+                olds = [distributed.local(t.detach()) for t in (p, *moments.values())]
                 if tp.transposed:  # the plan reads (out, in); the primitive takes any strides
                     olds = [t.t() for t in olds]
-                items.append((olds, build_group(tp, olds[0], moments, strategy, plan.seed)))
-                states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moments)))
+                group = build_group(tp, olds[0], moments, strategy, plan.seed)
+                rows = None
+                if fsdp is not None:  # only the new rows (stored dim 0) this rank holds
+                    rows = distributed.owned_rows(_stored_shape(tp, tp.new_shape)[0], fsdp_of[id(p)])
+                    group = group.cols(*rows) if tp.transposed else group.rows(*rows)
+                items.append((olds, group))
+                states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moments), rows))
             results = widen_many(items)
             del items  # the old tensors of this batch go once their owners let go below
-            for (name, p), (state, keys), outs in zip(batch, states, results):
+            for (name, p), (state, keys, rows), outs in zip(batch, states, results):
                 tp = plan.tensors[name]
                 if tp.orthogonalize_fresh_rows:
                     no_room += _orthogonalize_fresh_rows(outs[0], tp)
                 if tp.gain_offset:
-                    _finish_gain(outs[0], tp)
+                    _finish_gain(outs[0], tp, rows)
                 if tp.transposed:
                     outs = [t.t().contiguous() for t in outs]
-                _replace_data(p, outs[0])
+                if fsdp is not None:
+                    new_shape = _stored_shape(tp, tp.new_shape)
+                    outs = [outs[0], *distributed.install_shard(fsdp_of[id(p)], p, new_shape, outs[0], outs[1:])]
+                else:
+                    _replace_data(p, outs[0])
                 for key, new in zip(keys, outs[1:]):
                     state[key] = new
                 if strategy.reset_step and "step" in state:
@@ -611,6 +628,9 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     adapter.sync(model, ref_old, ref_new)
     if ddp is not None:
         distributed.rebuild_reducer(ddp)  # collective: every rank grows
+    if fsdp is not None:
+        distributed.finish_fsdp_growth(model)
+        notes.append("FSDP2: each rank built only its own rows of every grown tensor")
         notes.append("DDP: a new Reducer was built on the same wrapper for the grown parameters")
     if lr_ratios is not None:
         changed = _scale_lrs(optimizer, scheduler, lr_ratios)

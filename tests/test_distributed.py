@@ -87,18 +87,40 @@ def _setup(log_path=None, steps=6, grad_accum=1):
 
 
 def _state(model, opt):
-    """Parameters and AdamW moments by name, as float64 numpy (picklable, comparable)."""
+    """Parameters and AdamW moments by name, as float64 numpy (picklable, comparable);
+    FSDP2's sharded tensors gathered whole (a collective: every rank calls it)."""
+    from growkern.distributed import local
     named = dict(model.named_parameters())
-    out = {n: p.detach().numpy().copy() for n, p in named.items()}
+    out = {n: local(p.detach()).numpy().copy() for n, p in named.items()}
     ids = {id(p): n for n, p in named.items()}
     for p, st in opt.state.items():
         for k in ("exp_avg", "exp_avg_sq"):
-            out[f"{ids[id(p)]}/{k}"] = st[k].detach().numpy().copy()
+            out[f"{ids[id(p)]}/{k}"] = local(st[k].detach()).numpy().copy()
     return out
 
 
-def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=3, end=6):
-    """Train to grow_at, widen_ (on the DDP wrapper when world > 1), train to end."""
+def _plain_twin(gpt, opt, sched, tcfg):
+    """A single-process copy of a (possibly sharded) model with its optimizer and
+    scheduler state, gathered whole."""
+    from growkern.distributed import local
+    from growkern.train import build_optimizer, build_scheduler, init_model
+    twin = init_model(copy.deepcopy(gpt.config), 0).double()
+    named = dict(gpt.named_parameters())
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            p.copy_(local(named[n].detach()))
+    twin_opt = build_optimizer(twin, tcfg)
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: local(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    twin_opt.load_state_dict(sd)
+    twin_sched = build_scheduler(twin_opt, tcfg)
+    twin_sched.load_state_dict(sched.state_dict())
+    return twin, twin_opt, twin_sched
+
+
+def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=3, end=6, parallel="ddp"):
+    """Train to grow_at, widen_ (on the DDP wrapper or the FSDP2 root when world > 1),
+    train to end."""
     import growkern
     from growkern import distributed as D
     from growkern.data import eval_batches
@@ -106,20 +128,15 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
     model, opt, sched, batches, tcfg = _setup(log_path, end, grad_accum)
     ctx = D.context(model)
     if world > 1:
-        ctx = D.Context(rank, world, rank, "ddp")
-        model = D.wrap(model, ctx)
-    gpt = D.find_ddp(model).module if world > 1 else model
+        ctx = D.Context(rank, world, rank, parallel)
+        model = D.wrap(model, ctx) if parallel == "ddp" else D.shard_model(model, opt, ctx)
+    gpt = D.find_ddp(model).module if world > 1 and parallel == "ddp" else model
     val = eval_batches(_tokens(seed=1), 16, 4, 2)
     hist = train(model, opt, sched, batches, tcfg, end_step=grow_at if strategy else end, eval_data=val)
     out = {"hist": hist}
     if strategy:
         # the single-process growth of a copy of the same state, to compare bit for bit
-        twin, twin_opt, twin_sched = copy.deepcopy(gpt), None, None
-        from growkern.train import build_optimizer, build_scheduler
-        twin_opt = build_optimizer(twin, tcfg)
-        twin_opt.load_state_dict(opt.state_dict())
-        twin_sched = build_scheduler(twin_opt, tcfg)
-        twin_sched.load_state_dict(sched.state_dict())
+        twin, twin_opt, twin_sched = _plain_twin(gpt, opt, sched, tcfg)
         kw = dict(factor=2, strategy=strategy, seed=7)
         growkern.widen_(twin, twin_opt, twin_sched, **kw)
         report = growkern.widen_(model, opt, sched, **kw)
@@ -131,7 +148,7 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
             x, y = D.shard(x, ctx), D.shard(y, ctx)
         _, loss = model(x, y)
         loss.backward()
-        out["grad"] = {n: p.grad.numpy().copy() for n, p in gpt.named_parameters()}
+        out["grad"] = {n: D.local(p.grad).numpy().copy() for n, p in gpt.named_parameters()}
         opt.zero_grad(set_to_none=True)
         out["hist"] += train(model, opt, sched, batches, tcfg, start_step=grow_at, end_step=end, eval_data=val)
     out["final"] = _state(gpt, opt)
@@ -255,29 +272,210 @@ def test_widen_refuses_a_ddp_it_cannot_rebuild_and_changes_nothing():
 
 # --- torchrun end to end -----------------------------------------------------------
 
-@pytest.mark.skipif(not (REAL / "train.txt").is_file(), reason=f"TinyStories sample not found at {REAL}")
-def test_torchrun_train_smoke(tmp_path):
-    """`torchrun --standalone --nproc_per_node 2 -m growkern train` on the real data: each
-    step logged once, by rank 0, with parallel/world_size; the checkpoint (written by
-    rank 0) loads in a single process and says how it was trained."""
-    from growkern import checkpoint as C
-    out = tmp_path / "run"
+def _torchrun(args, tmp_path, nproc=2):
     env = {**os.environ, "GROWKERN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("GROWKERN_DATA", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "growkern", "train", "--preset", "tiny", "--data", str(REAL), "--steps", "4",
-           "--batch-size", "4", "--block-size", "32", "--vocab-size", "512", "--n-layer", "1",
-           "--d-model", "32", "--eval-every", "2", "--eval-batches", "1", "--save-every", "2",
-           "--threads", "1", "--out", str(out)]
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    print(f"torchrun smoke: {time.monotonic() - t0:.1f} s")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc else [sys.executable])
+    r = subprocess.run(launcher + ["-m", "growkern", *args], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("data-parallel on 2 processes") == 1  # rank 0 prints, rank 1 does not
+    return r.stdout
+
+
+@pytest.mark.skipif(not (REAL / "train.txt").is_file(), reason=f"TinyStories sample not found at {REAL}")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_train_smoke(tmp_path, parallel):
+    """`torchrun --standalone --nproc_per_node 2 -m growkern train [--fsdp]` on the real
+    data: each step logged once, by rank 0, with parallel/world_size; the distributed
+    checkpoint (each rank its shards) loads in a single process and says how it was
+    trained. FSDP2 also: `growkern grow` of that checkpoint offline, in one process,
+    writes a distributed checkpoint of the new width, which `train --resume --fsdp`
+    continues under torchrun."""
+    from growkern import checkpoint as C
+    out = tmp_path / "run"
+    flags = ["--fsdp"] if parallel == "fsdp" else []
+    t0 = time.monotonic()
+    stdout = _torchrun(["train", "--preset", "tiny", "--data", str(REAL), "--steps", "4", "--batch-size", "4",
+                        "--block-size", "32", "--vocab-size", "512", "--n-layer", "1", "--d-model", "32",
+                        "--eval-every", "2", "--eval-batches", "1", "--save-every", "2", "--threads", "1",
+                        "--out", str(out), *flags], tmp_path)
+    print(f"torchrun smoke ({parallel}): {time.monotonic() - t0:.1f} s")
+    assert stdout.count(f"({parallel.upper() if parallel == 'ddp' else 'FSDP2'}) on 2 processes") == 1  # rank 0 only
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3, 4]
-    assert all(x["parallel"] == "ddp" and x["world_size"] == 2 for x in recs)
+    assert all(x["parallel"] == parallel and x["world_size"] == 2 for x in recs)
     assert [x["step"] for x in recs if "val_loss" in x] == [2, 4]
     ck = C.load(out)
-    assert ck.step == 4 and ck.meta["parallel"] == "ddp" and ck.meta["world_size"] == 2
+    assert ck.step == 4 and ck.meta["parallel"] == parallel and ck.meta["world_size"] == 2
+    assert ck.meta["storage"] == "dcp"
     assert ck.data["step"] == 4  # the global data cursor: one global batch per step
+    if parallel == "ddp":
+        return
+    grown = tmp_path / "grown"
+    _torchrun(["grow", str(out), "--out", str(grown), "--factor", "2", "--strategy", "perturb",
+               "--data", str(REAL)], tmp_path, nproc=0)
+    g = C.load(grown)
+    assert g.meta["storage"] == "dcp" and g.model.config.d_model == 64 and g.step == 4
+    _torchrun(["train", "--resume", str(grown), "--fsdp", "--steps", "6", "--threads", "1", "--data", str(REAL)],
+              tmp_path)
+    recs = [json.loads(line) for line in (grown / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [5, 6] and all(np.isfinite(x["loss"]) for x in recs)
+    done = C.load(grown)
+    assert done.step == 6 and done.model.config.d_model == 64 and done.meta["parallel"] == "fsdp"
+
+
+# --- FSDP2 ---------------------------------------------------------------------------
+
+def test_fsdp_training_equals_the_single_process_run():
+    """fully_shard per block and root, 2 ranks x 2 rows, 2 micro-batches a step (the
+    first without gradient sync): the single process's losses, grad norms and val
+    losses (float32 logs: 1e-6) and its final float64 weights and moments."""
+    fsdp = run_ranks(_train_and_grow, 2, args=(None, None, 2), kwargs={"parallel": "fsdp"}, timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(None, None, 2), timeout=120)
+    _assert_equal_states(fsdp[0]["final"], fsdp[1]["final"])
+    assert all(r["parallel"] == "fsdp" and r["world_size"] == 2 for r in fsdp[0]["hist"])
+    _assert_close_records(_records(fsdp[0]["hist"]), _records(single["hist"]))
+    _assert_close_states(fsdp[0]["final"], single["final"])
+
+
+@pytest.mark.parametrize("strategy", ["exact_copy", "perturb"])
+def test_fsdp_widen_mid_training_equals_the_single_process_run(strategy):
+    """widen_ of the FSDP2 root on both ranks, each building only its rows: the gathered
+    grown state is bit for bit the single-process growth of the same state (perturb's
+    noise keyed by the global row), gradients flow into the grown shards, and the
+    curve equals the single-process run that grows at the same step."""
+    fsdp = run_ranks(_train_and_grow, 2, args=(strategy,), kwargs={"parallel": "fsdp"}, timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(strategy,), timeout=120)
+    for r in fsdp:
+        _assert_equal_states(r["grown"], r["twin"])
+        assert any("FSDP2" in n for n in r["notes"])
+    _assert_equal_states(fsdp[0]["grad"], fsdp[1]["grad"])
+    assert fsdp[0]["grown"]["wte.weight"].shape == (61, 32)
+    _assert_close_states(fsdp[0]["grad"], single["grad"])
+    _assert_close_records(_records(fsdp[0]["hist"]), _records(single["hist"]))
+    _assert_close_states(fsdp[0]["final"], single["final"])
+
+
+def _fsdp_growth_peak(rank, world):
+    """The largest tensor any op makes during an FSDP2 widen_ (every op's outputs on a
+    real device: the all-gathered old tensors, this rank's new rows, the maps, the
+    reference builds' buffers), against the largest full new parameter."""
+    import growkern
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from growkern import distributed as D
+    from growkern.train import train
+    model, opt, sched, batches, tcfg = _setup(None, 1)
+    model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"))
+    train(model, opt, sched, batches, tcfg)  # one step: the moments exist
+    old_max = max(p.numel() for p in model.parameters())
+
+    class Largest(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (list, tuple)) else [out]):
+                # a DTensor holds no storage of its global size: its local tensor is seen on its own
+                if isinstance(t, torch.Tensor) and t.device.type != "meta" and not isinstance(t, DTensor):
+                    Largest.seen = max(Largest.seen, t.numel())
+            return out
+
+    with Largest():
+        growkern.widen_(model, opt, sched, factor=2, strategy="perturb", seed=1)
+    new_full = max(p.numel() for p in model.parameters())
+    new_shard = max(p.to_local().numel() for p in model.parameters())
+    return Largest.seen, old_max, new_shard, new_full
+
+
+def test_fsdp_growth_never_builds_a_whole_new_parameter():
+    for seen, old_max, new_shard, new_full in run_ranks(_fsdp_growth_peak, 2, timeout=120):
+        assert new_shard < new_full and old_max < new_full
+        assert seen <= max(old_max, new_shard) < new_full, (seen, old_max, new_shard, new_full)
+
+
+# --- distributed checkpoints ----------------------------------------------------------
+
+def _dcp_run(rank, world, ckdir, mode, save_at=3, end=6):
+    """mode "save": train to save_at, checkpoint (torch.distributed.checkpoint), train to
+    end; mode "resume": load the checkpoint, train to end. FSDP2 when world > 1. Returns
+    the final state, gathered whole."""
+    from growkern import checkpoint as C
+    from growkern import distributed as D
+    from growkern.train import train
+    ctx = D.Context(rank, world, rank, "fsdp") if world > 1 else D.SINGLE
+    if mode == "save":
+        model, opt, sched, batches, tcfg = _setup(None, end)
+        model = model.float()
+    else:
+        ck = C.load(ckdir)
+        model, opt, sched, tcfg = ck.model, ck.optimizer, ck.scheduler, ck.train_config
+        batches = ck.batches(_tokens())
+    if world > 1:
+        model = D.shard_model(model, opt, ctx)
+    if mode == "save":
+        train(model, opt, sched, batches, tcfg, end_step=save_at)
+        C.save(ckdir, model, opt, sched, step=save_at, train_config=tcfg, batches=batches, storage="dcp")
+    hist = train(model, opt, sched, batches, tcfg, start_step=save_at, end_step=end)
+    return {"final": _state(model, opt), "hist": hist}
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resumed_on):
+    """A checkpoint written with torch.distributed.checkpoint (by 2 FSDP2 ranks, each its
+    shards, or by one process) resumes on 1 or 2 ranks with the continuation of the run
+    that wrote it (float32: reduction order differs across world sizes)."""
+    from growkern import checkpoint as C
+    ck = tmp_path / "ckpt"
+    wrote = run_ranks(_dcp_run, saved_on, args=(str(ck), "save"), timeout=120)[0]
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["storage"] == "dcp" and meta["step"] == 3
+    assert any(name.startswith("dcp/") and name.endswith(".distcp") for name in meta["files"])
+    if saved_on == 2:
+        assert meta["parallel"] == "fsdp" and meta["world_size"] == 2
+        assert sum(name.endswith(".distcp") for name in meta["files"]) == 2  # each rank its shards
+    resumed = run_ranks(_dcp_run, resumed_on, args=(str(ck), "resume"), timeout=120)[0]
+    _assert_close_records(_records(resumed["hist"]), _records(wrote["hist"]), rtol=2e-5)
+    assert resumed["final"].keys() == wrote["final"].keys()
+    for n in wrote["final"]:
+        np.testing.assert_allclose(resumed["final"][n], wrote["final"][n], rtol=1e-4, atol=1e-6, err_msg=n)
+    assert C.load(ck).step == 3  # and it loads in this (single) process
+
+
+def _dcp_save_then_die(rank, world, ckdir):
+    """Save at step 1 (complete), then rank 1 dies in the middle of the save at step 2."""
+    import signal
+    from growkern import checkpoint as C
+    from growkern import distributed as D
+    from growkern.train import train
+    model, opt, sched, batches, tcfg = _setup(None, 2)
+    model = D.shard_model(model.float(), opt, D.Context(rank, world, rank, "fsdp"))
+    train(model, opt, sched, batches, tcfg, end_step=1)
+    C.save(ckdir, model, opt, sched, step=1, train_config=tcfg, batches=batches)
+    train(model, opt, sched, batches, tcfg, start_step=1, end_step=2)
+    if rank == 1:
+        real = C._write_dcp
+
+        def write_then_die(*args, **kwargs):
+            time.sleep(0.5)  # rank 0 is inside its save by now, waiting for this one
+            os.kill(os.getpid(), signal.SIGKILL)
+            real(*args, **kwargs)
+        C._write_dcp = write_then_die
+    C.save(ckdir, model, opt, sched, step=2, train_config=tcfg, batches=batches)
+    return "saved"
+
+
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL one rank in the middle of a distributed save: the checkpoint before it
+    stays complete and loadable; the half-written staging directory is never swapped in
+    and the next load (or save) of that checkpoint removes it."""
+    from growkern import checkpoint as C
+    ck = tmp_path / "ckpt"
+    with pytest.raises(RankError, match="rank 1"):
+        run_ranks(_dcp_save_then_die, 2, args=(str(ck),), timeout=60)
+    staged = [p for p in tmp_path.iterdir() if p.name != "ckpt"]
+    assert len(staged) == 1 and (staged[0] / "dcp").is_dir()  # the killed save's, never swapped in
+    loaded = C.load(ck)  # verifies every file's sha256; removes what the killed save left
+    assert loaded.step == 1 and loaded.meta["storage"] == "dcp"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
