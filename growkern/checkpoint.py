@@ -184,7 +184,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
          batches=None, data_state: dict | None = None, tokenizer: dict | None = None,
          tokenizer_file=None,
          growth_history=(), rng: dict | None = None, extra: dict | None = None,
-         storage: str | None = None) -> Path:
+         storage: str | None = None, write_tensors=None, optimizer_skeleton: dict | None = None) -> Path:
     """Write a full-state checkpoint to directory `path`, atomically replacing any
     checkpoint there. `batches`: the training stream (its cursor is saved);
     `tokenizer`: a reference such as tokenizer_ref(corpus) (path, cache key, vocab);
@@ -192,7 +192,9 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
     `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states.
     `storage`: "file" (one process writes), "dcp" (torch.distributed.checkpoint);
     default: "dcp" for a DDP or FSDP2 model (then a collective: every rank calls save),
-    else "file"."""
+    else "file". For writers that stream the tensors (growkern/offline.py): with
+    storage="dcp", `write_tensors(directory)` writes dcp/ instead of the model's and
+    optimizer's tensors, and `optimizer_skeleton` is optimizer.pt's content."""
     if storage not in (None, "file", "dcp"):
         raise ValueError(f"storage must be 'file' or 'dcp', got {storage!r}")
     from .distributed import context
@@ -209,6 +211,8 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             and all(isinstance(f, LRSchedule) for f in scheduler.lr_lambdas)):
         raise ValueError("save() needs the scheduler of growkern.train.build_scheduler "
                          "(a LambdaLR of LRSchedule)")
+    if (write_tensors is not None or optimizer_skeleton is not None) and storage != "dcp":
+        raise ValueError("write_tensors and optimizer_skeleton go with storage='dcp'")
     if ctx.distributed and storage == "file":
         raise ValueError("a distributed model is saved with storage='dcp' (each rank writes its shards)")
     if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
@@ -237,13 +241,15 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             return path
     else:
         tmp = make_staging(path)
-        if distributed:
+        if write_tensors is not None:
+            write_tensors(tmp / DCP_DIR)
+        elif distributed:
             _write_dcp(tmp, model, optimizer, ctx)
     try:
         with staged_directory(path, tmp):
             if distributed:
                 weights = DCP_DIR
-                _write_torch(tmp / OPTIMIZER, _optimizer_skeleton(optimizer))
+                _write_torch(tmp / OPTIMIZER, optimizer_skeleton or _optimizer_skeleton(optimizer))
             else:
                 weights = _write_weights(tmp, model)
                 _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
@@ -284,8 +290,18 @@ def _write_dcp(tmp: Path, model, optimizer, ctx) -> None:
     tensors.update({f"model/{n}": b.detach() for n, b in model.named_buffers() if n in model.state_dict()})
     for i, st in optimizer.state_dict()["state"].items():
         tensors.update({f"optim/{i}/{k}": v for k, v in st.items() if torch.is_tensor(v)})
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)),
-             process_group=ctx.group if ctx.distributed else None, no_dist=not ctx.distributed)
+    with quiet_dcp():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)),
+                 process_group=ctx.group if ctx.distributed else None, no_dist=not ctx.distributed)
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """torch.distributed.checkpoint warns that no process group is up each time one
+    process reads or writes on purpose (no_dist)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
 
 
 def _optimizer_skeleton(optimizer) -> dict:
@@ -295,6 +311,63 @@ def _optimizer_skeleton(optimizer) -> dict:
                       for i, st in sd["state"].items()},
             "tensor_keys": {i: [k for k, v in st.items() if torch.is_tensor(v)] for i, st in sd["state"].items()},
             "param_groups": sd["param_groups"]}
+
+
+def _dcp_metadata(path: Path):
+    import torch.distributed.checkpoint as dcp
+    try:
+        return dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata()
+    except Exception as e:
+        raise _err(path, f"cannot read the metadata of {DCP_DIR}/: {e}") from None
+
+
+def dcp_keys(path: Path) -> list[str]:
+    """The tensor keys of a DCP checkpoint, in its metadata's order."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    md = _dcp_metadata(path).state_dict_metadata
+    return [k for k, m in md.items() if isinstance(m, TensorStorageMetadata)]
+
+
+def dcp_tensor_meta(path: Path, key: str) -> torch.Tensor:
+    """A meta tensor of the size and dtype of one tensor of a DCP checkpoint."""
+    m = _dcp_metadata(path).state_dict_metadata[key]
+    return torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+
+
+def read_dcp_tensor(path: Path, key: str) -> torch.Tensor:
+    """One whole tensor of a DCP checkpoint, on the CPU (reads only its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    want = dcp_tensor_meta(path, key)
+    out = {key: torch.empty(want.shape, dtype=want.dtype)}
+    try:
+        with quiet_dcp():
+            dcp.load(out, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    except Exception as e:
+        raise _err(path, f"cannot read {key} from {DCP_DIR}/: {e}") from None
+    return out[key]
+
+
+def write_dcp_lazily(directory: Path, specs: dict, build) -> None:
+    """Write a DCP checkpoint (one process) whose tensors have the sizes and dtypes of
+    `specs` (meta tensors by key) and whose values `build(key)` makes when the writer
+    gets to that key: one tensor in memory at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class BuildOnWrite(DefaultSavePlanner):
+        def lookup_object(self, index):
+            t = build(index.fqn)
+            want = specs[index.fqn]
+            if t.shape != want.shape or t.dtype != want.dtype:
+                raise RuntimeError(f"{index.fqn}: built {tuple(t.shape)} {t.dtype}, planned "
+                                   f"{tuple(want.shape)} {want.dtype}")
+            return t.cpu()
+
+    with quiet_dcp():
+        dcp.save(specs, storage_writer=dcp.FileSystemWriter(str(directory), thread_count=1),
+                 planner=BuildOnWrite(), no_dist=True)
 
 
 def _read_dcp(path: Path) -> dict:
@@ -308,8 +381,7 @@ def _read_dcp(path: Path) -> dict:
         out = {k: torch.empty(m.size, dtype=m.properties.dtype)
                for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
         # every rank reads every tensor whole: no collective needed, so no process group used
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        with quiet_dcp():
             dcp.load(out, storage_reader=reader, no_dist=True)
     except Exception as e:
         raise _err(path, f"cannot read the distributed checkpoint {DCP_DIR}/: {e}") from None

@@ -461,23 +461,54 @@ def _announce_growth(model, optimizer, plan, out: Path) -> None:
                        f"{free / 2**30:.2f} GiB free; nothing was written")
 
 
+def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
+    """A distributed (DCP) checkpoint grows offline, one tensor at a time (growkern/offline.py)."""
+    from .offline import grow_dcp
+
+    def announce(entry):
+        a, b = entry["params_before"], entry["params_after"]
+        dims = ", ".join(f"{k} {entry['dims_before'][k]} -> {entry['dims_after'][k]}" for k in ("d_model", "d_ff", "n_head"))
+        print(f"growing {dims}: {a:,} -> {b:,} parameters (x{b / a:.1f}), checkpoint about "
+              f"{entry['bytes'] / 2**30:.2f} GiB, one tensor at a time (distributed checkpoint)")
+        if b > LARGE_GROWTH * a:
+            print(f"growkern grow: warning: this growth multiplies the parameters by {b / a:.0f}; the usual "
+                  f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if entry["bytes"] > shutil.disk_usage(existing).free:
+            raise CLIError(f"the grown checkpoint needs about {entry['bytes'] / 2**30:.2f} GiB, {existing} has "
+                           f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free; nothing was written")
+
+    try:
+        entry = grow_dcp(src, out / "ckpt", strategy=args.strategy, seed=args.seed, schedule=args.schedule,
+                         rewarm_steps=args.rewarm_steps, options=options, before_write=announce, **targets)
+    except TypeError as e:  # a strategy option of the wrong type
+        raise CLIError(str(e)) from None
+    for note in entry["notes"]:
+        print(f"  note: {note}")
+    print(f"grown checkpoint at step {entry['step']}: {out / 'ckpt'} ({entry['seconds']:.1f} s; check it with "
+          f"`growkern eval {out}`)")
+    return 0
+
+
 def cmd_grow(args) -> int:
     kind = checkpoint_kind(args.ckpt)
     if kind != "growkern":
         return grow_hf(args, kind)
     from .plan import plan_growth
     out = Path(args.out)
-    src, _ = ckpt_mod.read_meta(args.ckpt)
+    src, src_meta = ckpt_mod.read_meta(args.ckpt)
     _check_grow_out(src, out, args.force)
     if args.schedule == "rewarm" and not args.rewarm_steps:
         raise CLIError("--schedule rewarm needs --rewarm-steps N")
-    ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
     targets = growth_targets(args.factor, args.d_model, args.d_ff, args.n_head)
     options = parse_options(args.option)
     taken = sorted(set(options) & {"factor", "d_model", "d_ff", "n_head", "strategy", "seed"})
     if taken:
         raise CLIError(f"--option {taken[0]}=... is a growth argument, not a strategy option; give it as "
                        f"--{taken[0].replace('_', '-')}")
+    if src_meta.get("storage") == "dcp":
+        return _grow_dcp(args, src, out, targets, options)
+    ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
     try:
         plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
     except TypeError as e:  # a strategy option of the wrong type

@@ -506,6 +506,42 @@ def _restart_schedule(scheduler) -> None:
     scheduler._initial_step()
 
 
+def apply_schedule(optimizer, scheduler, lr_ratios, new_config, schedule: str, rewarm_steps) -> list[str]:
+    """After the tensors grew: muP group LRs to the new width (lr_ratios from
+    _mup_lr_ratios, None for SP), then the schedule ("continue", "rewarm", "restart").
+    Returns the report's notes."""
+    notes = []
+    if lr_ratios is not None:
+        changed = _scale_lrs(optimizer, scheduler, lr_ratios)
+        if changed:
+            notes.append(f"muP: the LRs of optimizer groups {changed} follow the width "
+                         f"(x{lr_ratios[changed[0]][0]:g}); output multiplier "
+                         f"{mup.output_multiplier(new_config):g}")
+    if scheduler is not None and schedule == "restart":
+        _restart_schedule(scheduler)
+        notes.append("schedule restarted: the scheduler is back at its step 0")
+    if scheduler is not None and schedule == "rewarm":
+        schedule_mod.rewarm_(scheduler, rewarm_steps)
+    return notes
+
+
+def grow_tensor(tp: TensorPlan, old: torch.Tensor, role: str | None, strategy, seed: int, widen_many) -> torch.Tensor:
+    """One new tensor alone, as widen_ builds it with its group: the parameter (role
+    None) or one of its optimizer moments (role "exp_avg", ...), `old` in its stored
+    layout. For writers that hold one tensor at a time (growkern/offline.py)."""
+    x = old.t() if tp.transposed else old
+    group = build_group(tp, x, {} if role is None else {role: x}, strategy, seed)
+    if role is not None:
+        group.members = group.members[1:]
+    out = widen_many([([x], group)])[0][0]
+    if role is None:
+        if tp.orthogonalize_fresh_rows:
+            _orthogonalize_fresh_rows(out, tp)
+        if tp.gain_offset:
+            _finish_gain(out, tp)
+    return out.t().contiguous() if tp.transposed else out
+
+
 def _finish_gain(p: torch.Tensor, tp: TensorPlan, rows: tuple[int, int] | None = None):
     """Norms computing x_hat * (offset + w): the primitive mapped w with the scales of
     the effective gain; w' = a w + offset (a - 1) on kept entries, fresh ones hold
@@ -628,21 +664,11 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     adapter.sync(model, ref_old, ref_new)
     if ddp is not None:
         distributed.rebuild_reducer(ddp)  # collective: every rank grows
+        notes.append("DDP: a new Reducer was built on the same wrapper for the grown parameters")
     if fsdp is not None:
         distributed.finish_fsdp_growth(model)
         notes.append("FSDP2: each rank built only its own rows of every grown tensor")
-        notes.append("DDP: a new Reducer was built on the same wrapper for the grown parameters")
-    if lr_ratios is not None:
-        changed = _scale_lrs(optimizer, scheduler, lr_ratios)
-        if changed:
-            notes.append(f"muP: the LRs of optimizer groups {changed} follow the width "
-                         f"(x{lr_ratios[changed[0]][0]:g}); output multiplier "
-                         f"{mup.output_multiplier(new_config):g}")
-    if scheduler is not None and schedule == "restart":
-        _restart_schedule(scheduler)
-        notes.append("schedule restarted: the scheduler is back at its step 0")
-    if scheduler is not None and schedule == "rewarm":
-        schedule_mod.rewarm_(scheduler, rewarm_steps)
+    notes += apply_schedule(optimizer, scheduler, lr_ratios, new_config, schedule, rewarm_steps)
 
     report = GrowthReport(
         strategy=strategy.describe(), backend=backend_name, dims_before=_dims(plan.old),

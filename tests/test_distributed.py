@@ -479,3 +479,52 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     loaded = C.load(ck)  # verifies every file's sha256; removes what the killed save left
     assert loaded.step == 1 and loaded.meta["storage"] == "dcp"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+# --- FSDP2 growth of Hugging Face models ----------------------------------------------
+
+def _hf_fsdp_grow(rank, world, family):
+    """A tiny transformers model after one AdamW step, sharded with FSDP2 (or, with one
+    rank, not), grown x2 with perturb, then one more step on the global batch."""
+    import transformers as T
+    import growkern
+    from growkern import distributed as D
+    if family == "llama":  # GQA, untied, biases: rows split under row_offset
+        cls, cfg = T.LlamaForCausalLM, T.LlamaConfig(
+            vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+    else:  # transposed Conv1D (sharded rows are the plan's columns), fused c_attn, tied head
+        cls, cfg = T.GPT2LMHeadModel, T.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=64,
+                                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(cfg).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(3, 61, (4, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ctx = D.Context(rank, world, rank, "fsdp")
+    if world > 1:
+        model = D.shard_model(model, opt, ctx)
+    growkern.widen_(model, opt, factor=2, strategy="perturb", seed=5)
+    grown = _state(model, opt)
+    rows = D.shard(x, ctx) if world > 1 else x
+    model(input_ids=rows, labels=rows).loss.backward()  # each rank's 2 rows of 9 tokens: mean of means
+    opt.step()
+    return {"grown": grown, "stepped": _state(model, opt), "d": model.config.to_dict()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fsdp_growth_of_hugging_face_models_equals_the_single_process(family):
+    """transformers' Llama and GPT-2 under fully_shard: widen_ on 2 ranks gives, gathered,
+    the single-process growth bit for bit (GPT-2's Conv1D weights are stored transposed,
+    so a rank's rows are the plan's columns), and the next AdamW step on the sharded,
+    grown model equals the single process's."""
+    fsdp = run_ranks(_hf_fsdp_grow, 2, args=(family,), timeout=120)
+    single, = run_ranks(_hf_fsdp_grow, 1, args=(family,), timeout=120)
+    for r in fsdp:
+        _assert_equal_states(r["grown"], single["grown"])
+        assert r["d"] == single["d"]
+    _assert_equal_states(fsdp[0]["stepped"], fsdp[1]["stepped"])
+    _assert_close_states(fsdp[0]["stepped"], single["stepped"])

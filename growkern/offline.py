@@ -1,0 +1,139 @@
+"""Grow a distributed (DCP) checkpoint offline, holding one tensor at a time.
+
+A checkpoint written by `torch.distributed.checkpoint` may not fit one process whole.
+grow_dcp reads its metadata, builds the model and optimizer skeletons on the meta
+device (no memory) to make the plan and move the muP learning rates and the schedule,
+then writes the new checkpoint's dcp/ through a save planner that builds each new
+tensor when the writer asks for it: read that one old tensor from the source, grow it
+with the same primitive and maps widen_ uses (growkern.widen.grow_tensor), hand it to
+the writer, drop it. Peak memory: one old tensor and its new version, not the model.
+
+The result is what `ckpt_mod.load` + widen_ + `save(storage="dcp")` would write, tensor
+for tensor (tests/test_offline.py); what it cannot do without the whole model is the
+step-0 preservation measurement on a probe batch (run `growkern eval` on the result).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as C
+from .adapter import adapter_for
+from .model import GPT
+from .plan import plan_growth
+from .train import build_optimizer, build_scheduler
+from .widen import MOMENT_KEYS, SCHEDULES, _dims, _mup_lr_ratios, _stored_shape, apply_schedule, grow_tensor
+
+
+def _tensor_index(path: Path, meta: dict, skeleton: dict, params: dict) -> dict:
+    """DCP key -> (parameter name, role) for every tensor of the checkpoint: role None
+    for a weight, a moment key, "step", or "buffer" for a persistent buffer."""
+    names = [n for g in meta["param_names"] for n in g]
+    index = {}
+    for key in C.dcp_keys(path):
+        kind, _, rest = key.partition("/")
+        if kind == "model":
+            index[key] = (rest, None if rest in params else "buffer")
+        elif kind == "optim":
+            i, _, role = rest.partition("/")
+            index[key] = (names[int(i)], role)
+    for i, roles in skeleton.get("tensor_keys", {}).items():
+        for role in roles:
+            if role not in MOMENT_KEYS + ("step",):
+                raise C.CheckpointError(f"checkpoint {path}: optimizer state {role!r} of {names[i]} cannot be "
+                                        f"grown; known: {', '.join(MOMENT_KEYS)}, step")
+    return index
+
+
+def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule: str | None = None,
+             rewarm_steps: int | None = None, backend: str = "auto", options: dict | None = None,
+             before_write=None, **targets) -> dict:
+    """Grow the DCP checkpoint `src` (a checkpoint directory or run directory) into a
+    DCP checkpoint at `out`, one tensor at a time. `targets`: factor=, d_model=, d_ff=,
+    n_head= as for plan_growth; `options`: strategy options; `before_write(entry)` is
+    called once everything is validated, before anything is written (it may raise to
+    stop). Returns the growth-history entry written into the new checkpoint (its
+    "bytes": the size of the new tensors)."""
+    from .backends import resolve_backend
+    t0 = time.perf_counter()
+    path, meta = C.read_meta(src)
+    if meta.get("storage") != "dcp":
+        raise ValueError(f"{path} is not a distributed (DCP) checkpoint; grow it with growkern.widen_ "
+                         f"after checkpoint.load, or `growkern grow`")
+    C._check_files(path, meta, verify=True)
+    gcfg, tcfg = C._configs(path, meta)
+    with torch.device("meta"):
+        model = GPT(gcfg)
+    plan = plan_growth(model, strategy=strategy, seed=seed, **targets, **(options or {}))
+    if schedule is None:
+        schedule = getattr(plan.strategy, "default_schedule", "continue")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "rewarm" and (isinstance(rewarm_steps, bool) or not isinstance(rewarm_steps, int)
+                                 or rewarm_steps < 1):
+        raise ValueError(f"schedule='rewarm' needs rewarm_steps, an int >= 1; got {rewarm_steps!r}")
+    adapter = adapter_for(model)
+    new_config = adapter.new_config(gcfg, plan.new)
+
+    # the optimizer's groups and the scheduler, on meta parameters: their LRs and the schedule move
+    skeleton = torch.load(path / C.OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)  # sets the groups' LRs to its step 0: load them after
+    optimizer.load_state_dict({"state": {}, "param_groups": skeleton["param_groups"]})
+    state = C._load_state(path)
+    C._load_scheduler(path, state["scheduler"], scheduler, tcfg, meta["step"])
+    notes = apply_schedule(optimizer, scheduler, _mup_lr_ratios(model, optimizer, gcfg, new_config),
+                           new_config, schedule, rewarm_steps)
+
+    params = dict(model.named_parameters())
+    index = _tensor_index(path, meta, skeleton, params)
+    widen_many, backend_name = resolve_backend(backend, torch.device("cpu"), batch=True)
+    specs = {}
+    for key, (name, role) in index.items():
+        old = C.dcp_tensor_meta(path, key)
+        if role in (None,) + MOMENT_KEYS:
+            shape = _stored_shape(plan.tensors[name], plan.tensors[name].new_shape)
+        else:
+            shape = old.shape  # step counters; buffers (none of growkern.GPT's persist)
+        specs[key] = torch.empty(shape, dtype=old.dtype, device="meta")
+
+    def build(key):
+        name, role = index[key]
+        old = C.read_dcp_tensor(path, key)
+        if role == "step":
+            return torch.zeros_like(old) if plan.strategy.reset_step else old
+        if role == "buffer":
+            return old
+        return grow_tensor(plan.tensors[name], old, role, plan.strategy, plan.seed, widen_many)
+
+    new_skeleton = {"state": skeleton["state"], "tensor_keys": skeleton["tensor_keys"],
+                    "param_groups": optimizer.state_dict()["param_groups"]}
+    new_model_meta = _Described(new_config)
+    params_before = sum(p.numel() for p in params.values())
+    params_after = sum(specs[f"model/{n}"].numel() for n in params)
+    entry = {"strategy": plan.strategy.describe(), "backend": backend_name, "offline": True,
+             "dims_before": _dims(plan.old), "dims_after": _dims(plan.new),
+             "params_before": params_before, "params_after": params_after, "exact": plan.exact,
+             "notes": notes + ["grown offline one tensor at a time (growkern.offline.grow_dcp); "
+                               "step-0 preservation not measured"],
+             "step": meta["step"], "source": str(path), "schedule": schedule, "rewarm_steps": rewarm_steps,
+             "seed": seed, "targets": targets, "options": options or {},
+             "bytes": sum(t.numel() * t.element_size() for t in specs.values())}
+    if before_write is not None:
+        before_write(entry)
+    C.save(out, new_model_meta, optimizer, scheduler, step=meta["step"], train_config=tcfg,
+           data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
+           tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
+           growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
+           write_tensors=lambda d: C.write_dcp_lazily(d, specs, build), optimizer_skeleton=new_skeleton)
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
+class _Described:
+    """What checkpoint.save reads of a model when the tensors are written by someone
+    else: its config."""
+    def __init__(self, config):
+        self.config = config
