@@ -236,10 +236,13 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             if err is not None:
                 raise err
             raise RuntimeError(f"saving {path} failed on another rank; the previous checkpoint is kept")
+        rng_ranks = [None] * ctx.world_size  # each rank's RNG: a resume on as many ranks continues each stream
+        dist.all_gather_object(rng_ranks, rng_state(), group=ctx.group)
         if not ctx.is_main:
             dist.barrier(group=ctx.group)  # rank 0 finishes and swaps the directory in
             return path
     else:
+        rng_ranks = None
         tmp = make_staging(path)
         if write_tensors is not None:
             write_tensors(tmp / DCP_DIR)
@@ -257,6 +260,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
                 "scheduler": scheduler.state_dict(),
                 "rng": rng if rng is not None else rng_state(),
                 "data": batches.state_dict() if batches is not None else data_state,
+                **({"rng_ranks": rng_ranks} if rng_ranks and rng is None else {}),
             })
             tok_src = tokenizer_file or (tokenizer or {}).get("path")
             if tok_src and Path(tok_src).is_file():
@@ -420,6 +424,16 @@ class Checkpoint:
     tokenizer: dict | None
     growth_history: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    rng_ranks: list | None = None  # every rank's RNG states, from a distributed save
+
+    def restore_rng_of(self, rank: int, world_size: int) -> bool:
+        """Put back rank `rank`'s own RNG states when the checkpoint was written by
+        `world_size` ranks (True); else nothing (False: the caller derives the rank's
+        stream from the shared state, distributed.decorrelate_rng)."""
+        if not self.rng_ranks or len(self.rng_ranks) != world_size:
+            return False
+        set_rng_state(self.rng_ranks[rank])
+        return True
 
     @property
     def tokenizer_file(self) -> Path | None:
@@ -625,6 +639,7 @@ def load(path, device="cpu", verify: bool = True) -> Checkpoint:
     _load_scheduler(path, state["scheduler"], scheduler, tcfg, step)
     return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                       gpt_config=gcfg, train_config=tcfg, rng=state["rng"], data=state["data"],
+                      rng_ranks=state.get("rng_ranks"),
                       tokenizer=meta.get("tokenizer"), growth_history=list(meta["growth_history"]),
                       meta=meta)
 

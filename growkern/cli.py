@@ -263,12 +263,14 @@ def _train(args, ctx: dist_mod.Context) -> int:
         with dist_mod.main_first(ctx):  # rank 0 fills the token caches, the others read them
             corpus, data_dir = corpus_for(ck, args.data)
         ck.restore_rng()
+        own_rng = ctx.distributed and ck.restore_rng_of(ctx.rank, ctx.world_size)
         batches = ck.batches(corpus.train, tcfg)
         tokenizer, tok_file, history = ck.tokenizer, ck.tokenizer_file, ck.growth_history
         out = Path(args.out) if args.out else run_dir(ck.path)
         say(f"resuming {ck.path} at step {start} -> {tcfg.steps}  "
               f"(d_model {model.config.d_model}, {model.num_params():,} parameters)")
     else:
+        own_rng = False
         model_fields, tcfg = build_configs(args)
         _check_fields(model_fields, GPTConfig, "model config")
         out = Path(args.out or "runs/train")
@@ -302,7 +304,7 @@ def _train(args, ctx: dist_mod.Context) -> int:
         raise CLIError("--fsdp-param-dtype goes with --fsdp")
     if ctx.distributed:
         dist_mod.check_batch(tcfg.batch_size, ctx)
-        if tcfg.regime == "stochastic":
+        if tcfg.regime == "stochastic" and not own_rng:
             dist_mod.decorrelate_rng(ctx)  # each rank its own dropout masks
         if args.fsdp:
             ctx = dist_mod.Context(ctx.rank, ctx.world_size, ctx.local_rank, "fsdp")

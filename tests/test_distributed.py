@@ -528,3 +528,69 @@ def test_fsdp_growth_of_hugging_face_models_equals_the_single_process(family):
         assert r["d"] == single["d"]
     _assert_equal_states(fsdp[0]["stepped"], fsdp[1]["stepped"])
     _assert_close_states(fsdp[0]["stepped"], single["stepped"])
+
+
+def _stochastic_run(rank, world, ckdir, mode):
+    """DDP in the stochastic regime (dropout 0.1, each rank its own masks): "save" trains
+    2 steps, saves, trains 2 more; "resume" loads, restores this rank's RNG, trains 2."""
+    from growkern import checkpoint as C
+    from growkern import distributed as D
+    from growkern.train import seed_everything, train
+    ctx = D.Context(rank, world, rank, "ddp")
+    if mode == "save":
+        model, opt, sched, batches, tcfg = _setup(None, 4)
+        model = model.float()  # as checkpoints load
+        tcfg = tcfg.replace(regime="stochastic", dropout=0.1)
+        seed_everything(0)
+        D.decorrelate_rng(ctx)
+    else:
+        ck = C.load(ckdir)
+        model, opt, sched, tcfg = ck.model, ck.optimizer, ck.scheduler, ck.train_config
+        batches = ck.batches(_tokens())
+        assert ck.restore_rng_of(rank, world)
+    model = D.wrap(model, ctx)
+    if mode == "save":
+        train(model, opt, sched, batches, tcfg, end_step=2)
+        C.save(ckdir, model, opt, sched, step=2, train_config=tcfg, batches=batches)
+    train(model, opt, sched, batches, tcfg, start_step=2, end_step=4)
+    return _state(D.find_ddp(model).module, opt)
+
+
+def test_a_stochastic_distributed_run_resumes_bit_for_bit(tmp_path):
+    """Each rank's RNG state is in the distributed checkpoint; resumed on as many ranks,
+    every rank continues its own dropout stream: the same weights and moments, bit for bit."""
+    ck = tmp_path / "ckpt"
+    wrote = run_ranks(_stochastic_run, 2, args=(str(ck), "save"), timeout=120)
+    resumed = run_ranks(_stochastic_run, 2, args=(str(ck), "resume"), timeout=120)
+    for a, b in zip(wrote, resumed):
+        _assert_equal_states(a, b)
+    assert not np.array_equal(wrote[0]["wte.weight"], _plain_state_without_dropout(tmp_path))
+
+
+def _plain_state_without_dropout(tmp_path):
+    """The same model and data without dropout (so the test above is not vacuous)."""
+    model, opt, sched, batches, tcfg = _setup(None, 4)
+    from growkern.train import train
+    model = model.float()
+    train(model, opt, sched, batches, tcfg)
+    return model.wte.weight.detach().numpy()
+
+
+def _fsdp_mixed_precision(rank, world):
+    import torch
+    from growkern import distributed as D
+    from growkern.train import train
+    model, opt, sched, batches, tcfg = _setup(None, 4)
+    model = model.float()  # the same Parameter objects, in float32
+    if world > 1:
+        model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"), param_dtype=torch.bfloat16)
+    hist = train(model, opt, sched, batches, tcfg)
+    return [r["loss"] for r in hist], {p.dtype for p in model.parameters()}
+
+
+def test_fsdp_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
+    (mp_loss, dtypes), _ = run_ranks(_fsdp_mixed_precision, 2, timeout=120)
+    (fp_loss, _), = run_ranks(_fsdp_mixed_precision, 1, timeout=120)
+    assert dtypes == {torch.float32}
+    np.testing.assert_allclose(mp_loss, fp_loss, rtol=3e-2)  # bfloat16 compute: close, not equal
+    assert mp_loss != fp_loss
