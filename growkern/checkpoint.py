@@ -644,6 +644,73 @@ def load(path, device="cpu", verify: bool = True) -> Checkpoint:
                       meta=meta)
 
 
+def load_sharded(path, ctx, device, param_dtype: torch.dtype | None = None, verify: bool = True) -> Checkpoint:
+    """A distributed (DCP) checkpoint straight into an FSDP2-sharded model, optimizer
+    and scheduler on `ctx`'s ranks (a collective): the model is built on the meta
+    device, sharded (distributed.shard_model), given storage, and DCP reads into each
+    rank's shards only what the rank holds, resharding from however many ranks wrote
+    it. The whole model is never in one process. Validation as in load(), against the
+    checkpoint's DCP metadata; verify: rank 0 checks every file's sha256."""
+    from .distributed import shard_model
+    path, meta = read_meta(path)
+    if meta.get("storage") != "dcp":
+        raise _err(path, "load_sharded reads distributed (DCP) checkpoints; load() reads this one")
+    _check_files(path, meta, verify and ctx.is_main)
+    gcfg, tcfg = _configs(path, meta)
+    step = meta["step"]
+    if not isinstance(step, int) or step < 0:
+        raise _err(path, f"step must be an int >= 0, got {step!r}")
+    skeleton = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    md = _dcp_metadata(path).state_dict_metadata
+    stored = {k: md[k].size for k in dcp_keys(path)}
+    with torch.device("meta"):
+        model = GPT(gcfg)
+    params = dict(model.named_parameters())
+    want = {f"model/{n}": p.shape for n, p in params.items()}
+    problems = [f"missing {k}" for k in want if k not in stored]
+    problems += [f"{k}: checkpoint {tuple(stored[k])}, gpt_config expects {tuple(v)}"
+                 for k, v in want.items() if k in stored and tuple(stored[k]) != tuple(v)]
+    if problems:
+        raise _err(path, "; ".join(problems[:5]))
+    model = shard_model(model, None, ctx, param_dtype, device=torch.device(device))
+    model.to_empty(device=device)
+    model.rebuild_buffers()  # RoPE tables: functions of the config, made on the new storage
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)  # sets the groups' LRs to its step 0: load them after
+    built = [g["param_names"] for g in optimizer.param_groups]
+    saved = [g.get("param_names") for g in skeleton["param_groups"]]
+    if saved != built:
+        raise _err(path, f"config mismatch: the optimizer's parameter groups {saved} do not match "
+                         f"the model and train_config's {built}")
+    names = [n for g in built for n in g]
+    sharded = dict(model.named_parameters())
+    targets = {f"model/{n}": p.detach() for n, p in sharded.items()}
+    for i, keys in skeleton["tensor_keys"].items():
+        p = sharded[names[i]]
+        st = optimizer.state[p]
+        st.update(skeleton["state"].get(i, {}))
+        for k in keys:
+            key = f"optim/{i}/{k}"
+            if key not in stored:
+                raise _err(path, f"{DCP_DIR}/ lacks optimizer tensor {key}")
+            st[k] = (torch.zeros(stored[key], dtype=md[key].properties.dtype) if k == "step"
+                     else torch.zeros_like(p.detach()))
+            targets[key] = st[k]
+    for group, g in zip(optimizer.param_groups, skeleton["param_groups"]):
+        group.update({k: v for k, v in g.items() if k != "params"})
+    import torch.distributed.checkpoint as dcp
+    try:
+        dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)), process_group=ctx.group)
+    except Exception as e:
+        raise _err(path, f"cannot read the distributed checkpoint {DCP_DIR}/: {e}") from None
+    state = _load_state(path)
+    _load_scheduler(path, state["scheduler"], scheduler, tcfg, step)
+    return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                      gpt_config=gcfg, train_config=tcfg, rng=state["rng"], data=state["data"],
+                      rng_ranks=state.get("rng_ranks"), tokenizer=meta.get("tokenizer"),
+                      growth_history=list(meta["growth_history"]), meta=meta)
+
+
 def tokenizer_ref(corpus, data_dir=None, vocab_request: int | None = None) -> dict:
     """What identifies a run's tokenizer and token cache (growkern.data.Corpus)."""
     return {"path": str(Path(corpus.path) / TOKENIZER), "cache_key": corpus.key,

@@ -255,7 +255,13 @@ def _train(args, ctx: dist_mod.Context) -> int:
                            f"were built with them (resumable: {sorted(RESUMABLE)})")
         _, meta = ckpt_mod.read_meta(args.resume)
         device = flags["train"].get("device") or meta["train_config"].get("device", "auto")
-        ck = ckpt_mod.load(args.resume, device=device_of(device))
+        sharded = bool(args.fsdp and ctx.distributed and meta.get("storage") == "dcp")
+        if sharded:  # each rank reads its shards: the whole model is never in one process
+            ck = ckpt_mod.load_sharded(args.resume, dist_mod.Context(ctx.rank, ctx.world_size, ctx.local_rank,
+                                                                       "fsdp"),
+                                       device_of(device), getattr(torch, args.fsdp_param_dtype or "", None))
+        else:
+            ck = ckpt_mod.load(args.resume, device=device_of(device))
         tcfg = ck.train_config.replace(**flags["train"])
         model, optimizer, scheduler, start = ck.model, ck.optimizer, ck.scheduler, ck.step
         # a new horizon moves the schedule; everything else in it stays
@@ -268,9 +274,10 @@ def _train(args, ctx: dist_mod.Context) -> int:
         tokenizer, tok_file, history = ck.tokenizer, ck.tokenizer_file, ck.growth_history
         out = Path(args.out) if args.out else run_dir(ck.path)
         say(f"resuming {ck.path} at step {start} -> {tcfg.steps}  "
-              f"(d_model {model.config.d_model}, {model.num_params():,} parameters)")
+            f"(d_model {model.config.d_model}, {model.num_params():,} parameters"
+            f"{'; each rank read its shards' if sharded else ''})")
     else:
-        own_rng = False
+        own_rng = sharded = False
         model_fields, tcfg = build_configs(args)
         _check_fields(model_fields, GPTConfig, "model config")
         out = Path(args.out or "runs/train")
@@ -308,7 +315,8 @@ def _train(args, ctx: dist_mod.Context) -> int:
             dist_mod.decorrelate_rng(ctx)  # each rank its own dropout masks
         if args.fsdp:
             ctx = dist_mod.Context(ctx.rank, ctx.world_size, ctx.local_rank, "fsdp")
-            model = dist_mod.shard_model(model, optimizer, ctx, getattr(torch, args.fsdp_param_dtype or "", None))
+            if not sharded:
+                model = dist_mod.shard_model(model, optimizer, ctx, getattr(torch, args.fsdp_param_dtype or "", None))
             kind = "sharded (FSDP2)"
         else:
             model = dist_mod.wrap(model, ctx)
@@ -446,13 +454,16 @@ def _check_grow_out(src: Path, out: Path, force: bool) -> None:
 
 def _announce_growth(model, optimizer, plan, out: Path) -> None:
     """Say what the growth will cost before doing it, and refuse what the disk cannot hold."""
-    from .widen import new_state_bytes
-    before = sum(p.numel() for p in model.parameters())
-    after = sum(math.prod(tp.new_shape) for tp in plan.tensors.values())
-    size = new_state_bytes(model, optimizer, plan)
-    dims = ", ".join(f"{k} {getattr(plan.old, k)} -> {getattr(plan.new, k)}" for k in ("d_model", "d_ff", "n_head"))
+    from .widen import _dims, new_state_bytes
+    _announce(_dims(plan.old), _dims(plan.new), sum(p.numel() for p in model.parameters()),
+              sum(math.prod(tp.new_shape) for tp in plan.tensors.values()),
+              new_state_bytes(model, optimizer, plan), out)
+
+
+def _announce(old: dict, new: dict, before: int, after: int, size: int, out: Path, how: str = "") -> None:
+    dims = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_model", "d_ff", "n_head"))
     print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
-          f"checkpoint about {size / 2**30:.2f} GiB")
+          f"checkpoint about {size / 2**30:.2f} GiB{how}")
     if after > LARGE_GROWTH * before:
         print(f"growkern grow: warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
               f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
@@ -467,18 +478,9 @@ def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
     """A distributed (DCP) checkpoint grows offline, one tensor at a time (growkern/offline.py)."""
     from .offline import grow_dcp
 
-    def announce(entry):
-        a, b = entry["params_before"], entry["params_after"]
-        dims = ", ".join(f"{k} {entry['dims_before'][k]} -> {entry['dims_after'][k]}" for k in ("d_model", "d_ff", "n_head"))
-        print(f"growing {dims}: {a:,} -> {b:,} parameters (x{b / a:.1f}), checkpoint about "
-              f"{entry['bytes'] / 2**30:.2f} GiB, one tensor at a time (distributed checkpoint)")
-        if b > LARGE_GROWTH * a:
-            print(f"growkern grow: warning: this growth multiplies the parameters by {b / a:.0f}; the usual "
-                  f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
-        existing = next(p for p in (out, *out.parents) if p.exists())
-        if entry["bytes"] > shutil.disk_usage(existing).free:
-            raise CLIError(f"the grown checkpoint needs about {entry['bytes'] / 2**30:.2f} GiB, {existing} has "
-                           f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free; nothing was written")
+    def announce(e):
+        _announce(e["dims_before"], e["dims_after"], e["params_before"], e["params_after"], e["bytes"], out,
+                  ", one tensor at a time (distributed checkpoint)")
 
     try:
         entry = grow_dcp(src, out / "ckpt", strategy=args.strategy, seed=args.seed, schedule=args.schedule,

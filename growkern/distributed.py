@@ -131,20 +131,22 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
                      f"looked for a ModuleList at {', '.join(BLOCK_LISTS)}")
 
 
-def shard_model(model: nn.Module, optimizer, ctx: Context, param_dtype: torch.dtype | None = None):
+def shard_model(model: nn.Module, optimizer, ctx: Context, param_dtype: torch.dtype | None = None,
+                device: torch.device | None = None):
     """FSDP2: torch's fully_shard on every transformer block and on the root, over a
     1-D mesh of all ranks (each parameter's rows split as torch.chunk splits them;
     param_dtype: compute in that dtype, reduce gradients in the parameters' dtype).
     fully_shard makes new (DTensor) parameters, so the optimizer is moved onto them:
     its groups hold the new objects and its state this rank's rows of the old, full
     state (every rank holds the same full state before: a new run, or a checkpoint
-    loaded whole). Returns the model, now an FSDPModule."""
+    loaded whole). `device`: where the shards will live, for a model still on the meta
+    device (default: the parameters' device). Returns the model, now an FSDPModule."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     if fully_shard is None:
         raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is "
                            f"{torch.__version__}")
-    dev = next(model.parameters()).device
+    dev = device or next(model.parameters()).device
     mesh = init_device_mesh(dev.type, (ctx.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype)
     before = dict(model.named_parameters())

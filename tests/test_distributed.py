@@ -317,8 +317,9 @@ def test_torchrun_train_smoke(tmp_path, parallel):
                "--data", str(REAL)], tmp_path, nproc=0)
     g = C.load(grown)
     assert g.meta["storage"] == "dcp" and g.model.config.d_model == 64 and g.step == 4
-    _torchrun(["train", "--resume", str(grown), "--fsdp", "--steps", "6", "--threads", "1", "--data", str(REAL)],
-              tmp_path)
+    stdout = _torchrun(["train", "--resume", str(grown), "--fsdp", "--steps", "6", "--threads", "1",
+                        "--data", str(REAL)], tmp_path)
+    assert stdout.count("each rank read its shards") == 1  # straight into the shards (load_sharded)
     recs = [json.loads(line) for line in (grown / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [5, 6] and all(np.isfinite(x["loss"]) for x in recs)
     done = C.load(grown)
@@ -408,11 +409,15 @@ def _dcp_run(rank, world, ckdir, mode, save_at=3, end=6):
     if mode == "save":
         model, opt, sched, batches, tcfg = _setup(None, end)
         model = model.float()
+    elif mode == "resume-sharded":  # straight into the shards: each rank reads what it holds
+        ck = C.load_sharded(ckdir, ctx, torch.device("cpu"))
+        model, opt, sched, tcfg = ck.model, ck.optimizer, ck.scheduler, ck.train_config
+        batches = ck.batches(_tokens())
     else:
         ck = C.load(ckdir)
         model, opt, sched, tcfg = ck.model, ck.optimizer, ck.scheduler, ck.train_config
         batches = ck.batches(_tokens())
-    if world > 1:
+    if world > 1 and mode != "resume-sharded":
         model = D.shard_model(model, opt, ctx)
     if mode == "save":
         train(model, opt, sched, batches, tcfg, end_step=save_at)
@@ -421,11 +426,13 @@ def _dcp_run(rank, world, ckdir, mode, save_at=3, end=6):
     return {"final": _state(model, opt), "hist": hist}
 
 
-@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
-def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resumed_on):
+@pytest.mark.parametrize("saved_on, resumed_on, how", [(2, 1, "resume"), (1, 2, "resume"),
+                                                        (1, 2, "resume-sharded"), (2, 2, "resume-sharded")])
+def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resumed_on, how):
     """A checkpoint written with torch.distributed.checkpoint (by 2 FSDP2 ranks, each its
-    shards, or by one process) resumes on 1 or 2 ranks with the continuation of the run
-    that wrote it (float32: reduction order differs across world sizes)."""
+    shards, or by one process) resumes on 1 or 2 ranks, loaded whole then sharded, or
+    read straight into the shards (load_sharded), with the continuation of the run that
+    wrote it (float32: reduction order differs across world sizes)."""
     from growkern import checkpoint as C
     ck = tmp_path / "ckpt"
     wrote = run_ranks(_dcp_run, saved_on, args=(str(ck), "save"), timeout=120)[0]
@@ -435,7 +442,7 @@ def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resume
     if saved_on == 2:
         assert meta["parallel"] == "fsdp" and meta["world_size"] == 2
         assert sum(name.endswith(".distcp") for name in meta["files"]) == 2  # each rank its shards
-    resumed = run_ranks(_dcp_run, resumed_on, args=(str(ck), "resume"), timeout=120)[0]
+    resumed = run_ranks(_dcp_run, resumed_on, args=(str(ck), how), timeout=120)[0]
     _assert_close_records(_records(resumed["hist"]), _records(wrote["hist"]), rtol=2e-5)
     assert resumed["final"].keys() == wrote["final"].keys()
     for n in wrote["final"]:
