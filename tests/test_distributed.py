@@ -601,3 +601,26 @@ def test_fsdp_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
     assert dtypes == {torch.float32}
     np.testing.assert_allclose(mp_loss, fp_loss, rtol=3e-2)  # bfloat16 compute: close, not equal
     assert mp_loss != fp_loss
+
+
+def _fsdp_refusal(rank, world):
+    """A growth FSDP2 sharding cannot do is refused before anything changes."""
+    import growkern
+    from growkern import distributed as D
+    from growkern.train import train
+    model, opt, sched, batches, tcfg = _setup(None, 1)
+    model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"))
+    train(model, opt, sched, batches, tcfg)
+    before = _state(model, opt)
+    lr = [g["lr"] for g in opt.param_groups]
+    try:
+        growkern.widen_(model, opt, sched, factor=2, strategy="structured")
+    except ValueError as e:
+        return str(e), before, _state(model, opt), lr == [g["lr"] for g in opt.param_groups]
+    return None
+
+
+def test_fsdp_refuses_what_it_cannot_shard_and_changes_nothing():
+    for msg, before, after, same_lr in run_ranks(_fsdp_refusal, 2, timeout=120):
+        assert "orthogonalize" in msg and same_lr
+        _assert_equal_states(before, after)
