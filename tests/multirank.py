@@ -35,7 +35,8 @@ import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
 
-PRELOAD = ["torch", "torch.distributed", "growkern", "growkern.train", "growkern.widen"]
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "growkern",
+           "growkern.train", "growkern.widen", "growkern.checkpoint", "transformers"]
 _ctx = None
 
 

@@ -373,6 +373,13 @@ def _cuts(n):
     return [[min(c, n) for c in cs] for cs in out]
 
 
+def _interpreted(backend, dtype):
+    """Under the Triton interpreter (CPU) a launch takes a second or more: the slice tests
+    take one dtype and skip the row-at-a-time partition there (the counter arithmetic
+    does not depend on the dtype; every dtype runs on the compiled backends)."""
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _slice_backend(name):
     if name == "reference":
         return lambda tensors, group: [reference_widen(t, group, m) for t, m in zip(tensors, group.members)]
@@ -387,6 +394,8 @@ def test_row_slices_concatenate_to_the_whole(backend, dtype, shapes, row_offset)
     """group.rows(lo, hi) over a partition of the rows (empty and uneven pieces
     included) gives the whole output bit for bit; a base row_offset near 2**32
     checks that counters wrap as in the reference."""
+    if _interpreted(backend, dtype) and dtype != torch.float32:
+        pytest.skip("interpreted Triton: float32 only (see _interpreted)")
     fn = _slice_backend(backend)
     old, new = shapes
     grp = make_group(old, new, gen_seed=7, members=SLICE_MEMBERS)
@@ -396,7 +405,7 @@ def test_row_slices_concatenate_to_the_whole(backend, dtype, shapes, row_offset)
     if backend != "reference":
         assert_matches_spec(whole, [s.cpu() for s in srcs], grp)
     R = new[0]
-    for cuts in _cuts(R):
+    for cuts in _cuts(R)[:3] if _interpreted(backend, dtype) else _cuts(R):
         pieces = [fn(srcs, grp.rows(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
         for i, w in enumerate(whole):
             got = torch.cat([p[i] for p in pieces], dim=0)
@@ -410,13 +419,15 @@ def test_col_slices_concatenate_to_the_whole(backend, dtype, shapes):
     """group.cols(lo, hi) over a partition of the columns gives the whole output bit for
     bit (antithetic partners may land in different pieces: noise_col carries the
     counter), and so do blocks rows(...).cols(...)."""
+    if _interpreted(backend, dtype) and dtype != torch.float32:
+        pytest.skip("interpreted Triton: float32 only (see _interpreted)")
     fn = _slice_backend(backend)
     old, new = shapes
     grp = make_group(old, new, gen_seed=8, members=SLICE_MEMBERS)
     srcs = make_sources(grp, old, dtype, _device(backend))
     whole = fn(srcs, grp)
     R, C = new
-    for cuts in _cuts(C):
+    for cuts in _cuts(C)[:3] if _interpreted(backend, dtype) else _cuts(C):
         pieces = [fn(srcs, grp.cols(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:])]
         for i, w in enumerate(whole):
             assert torch.equal(torch.cat([p[i] for p in pieces], dim=1), w), (cuts, i)
