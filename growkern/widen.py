@@ -577,6 +577,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     from . import distributed
     ddp = distributed.find_ddp(model)  # the wrapper, or the one around this module: its Reducer is rebuilt
     fsdp = distributed.find_fsdp(model)  # an FSDP2 root: grown shard by shard
+    if fsdp is not None:
+        distributed.reshard(fsdp)  # the modules hold their sharded parameters (the optimizer's) again
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"widen_ grows a torch.nn.Module; got {type(model).__name__}")
@@ -610,6 +612,8 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     if probe_batch is not None:
         _check_probe(probe_batch, plan.old, next(model.parameters()).device)
         small_logits, probe_y = _probe(model, probe_batch)
+        if fsdp is not None:
+            distributed.reshard(fsdp)  # a forward leaves the FSDP2 root gathered
     params_before = _num_params(model)
     notes = []
     no_room = 0
@@ -678,5 +682,7 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
         notes.append(f"not function preserving at step 0: {plan.not_exact_because}")
     if probe_batch is not None:
         wide_logits, _ = _probe(model, probe_batch)
+        if fsdp is not None:
+            distributed.reshard(fsdp)
         report.preservation = _preservation(small_logits, wide_logits, probe_y)
     return report

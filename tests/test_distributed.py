@@ -137,10 +137,11 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
     if strategy:
         # the single-process growth of a copy of the same state, to compare bit for bit
         twin, twin_opt, twin_sched = _plain_twin(gpt, opt, sched, tcfg)
-        kw = dict(factor=2, strategy=strategy, seed=7)
-        growkern.widen_(twin, twin_opt, twin_sched, **kw)
+        kw = dict(factor=2, strategy=strategy, seed=7, probe_batch=batches.batch(20_000))  # probes: forwards
+        twin_report = growkern.widen_(twin, twin_opt, twin_sched, **kw)
         report = growkern.widen_(model, opt, sched, **kw)
         out["notes"] = report.notes
+        assert report.preservation == pytest.approx(twin_report.preservation, rel=1e-9, abs=1e-12)
         out["grown"], out["twin"] = _state(gpt, opt), _state(twin, twin_opt)
         # one gradient of the global batch's loss through the grown wrapper, then training goes on
         x, y = batches.batch(10_000)
