@@ -148,7 +148,9 @@ def shard_model(model: nn.Module, optimizer, ctx: Context, param_dtype: torch.dt
                            f"{torch.__version__}")
     dev = device or next(model.parameters()).device
     mesh = init_device_mesh(dev.type, (ctx.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype)
+    # gradients reduced in the parameters' own dtype (FSDP's default would reduce in param_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
+                              reduce_dtype=next(model.parameters()).dtype if param_dtype is not None else None)
     before = dict(model.named_parameters())
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)

@@ -593,13 +593,16 @@ def _fsdp_mixed_precision(rank, world):
     if world > 1:
         model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"), param_dtype=torch.bfloat16)
     hist = train(model, opt, sched, batches, tcfg)
-    return [r["loss"] for r in hist], {p.dtype for p in model.parameters()}
+    reduce = {fp.reduce_dtype for fp in D.fsdp_params(model).values()}  # None: the compute dtype
+    return [r["loss"] for r in hist], {p.dtype for p in model.parameters()}, reduce
 
 
 def test_fsdp_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
-    (mp_loss, dtypes), _ = run_ranks(_fsdp_mixed_precision, 2, timeout=120)
-    (fp_loss, _), = run_ranks(_fsdp_mixed_precision, 1, timeout=120)
-    assert dtypes == {torch.float32}
+    """--fsdp-param-dtype bfloat16: forward and backward in bfloat16 (the losses differ
+    a little from float32's), weights, optimizer and gradient reduction in float32."""
+    (mp_loss, dtypes, reduce), _ = run_ranks(_fsdp_mixed_precision, 2, timeout=120)
+    (fp_loss, _, _), = run_ranks(_fsdp_mixed_precision, 1, timeout=120)
+    assert dtypes == {torch.float32} and reduce == {torch.float32}  # gradients reduced in float32
     np.testing.assert_allclose(mp_loss, fp_loss, rtol=3e-2)  # bfloat16 compute: close, not equal
     assert mp_loss != fp_loss
 
