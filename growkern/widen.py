@@ -564,7 +564,9 @@ def widen_(model, optimizer=None, scheduler=None, *, plan: GrowthPlan | None = N
     are accelerate's optimizer and scheduler wrappers. A DistributedDataParallel model
     is grown on every rank (widen_ is then a collective: each rank calls it with the
     same arguments, between optimizer steps) and its Reducer rebuilt on the same
-    wrapper (growkern/distributed.py, docs/distributed.md). Give a `plan` or the keywords
+    wrapper; an FSDP2 model (fully_shard) is grown the same way, each rank gathering
+    one old parameter at a time and building only its own rows of the new one
+    (growkern/distributed.py, docs/distributed.md). Give a `plan` or the keywords
     of growkern.plan_growth (factor=, d_model=, d_ff=, n_head=, strategy=, seed=,
     strategy options). The nn.Parameter objects stay the same, so optimizer
     param_groups, hooks and references stay valid; model.config describes the new
