@@ -342,3 +342,13 @@ def test_growth_exact_strategy_preserves_at_non_integer_factors(tmp_path):
                             budgets=(1,), seeds=(0,), workers=1)
     for r in res.rows:
         assert r["loss_after_growth"] == pytest.approx(r["loss_small"], abs=1e-5), r["factor"]
+
+
+def test_a_pool_worker_whose_study_died_while_it_started_exits():
+    """The parent-death signal is armed in the worker's initializer; a study that died
+    before that (the worker now has another parent) must not leave the worker running."""
+    import subprocess
+    import sys
+    code = "from growkern.studies.pool import _init_worker; _init_worker(1, -1); print('still running')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "still running" not in r.stdout

@@ -25,12 +25,14 @@ def default_workers(device: torch.device) -> int:
     return 1 if device.type != "cpu" else max(1, os.cpu_count() or 1)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
     try:  # Linux: end with the study process, not after the unit it was running
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the study died while this worker was starting, before the line above
+        os._exit(1)
 
 
 def run_units(units: Iterable[tuple], fn: Callable, *, workers: int = 1, threads: int = 1,
@@ -49,7 +51,7 @@ def run_units(units: Iterable[tuple], fn: Callable, *, workers: int = 1, threads
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+                             initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         pending = {}
         todo = iter(units)
 
