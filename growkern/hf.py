@@ -82,8 +82,10 @@ class GrowthCallback(TrainerCallback, ExportableState):
     holds the grown model already, so it is not grown again. The growth report is
     printed and appended to `state.log_history` (keys growth_*).
 
-    Single-process training only: DDP, FSDP and DeepSpeed keep buffers sized for the
-    parameters they were set up with.
+    Single-process and DDP runs (torchrun): under DDP every rank grows its replica the
+    same way and widen_ rebuilds the DDP wrapper's reducer for the new parameters. FSDP
+    and DeepSpeed Trainer runs are refused: their engines keep shards and buffers sized
+    for the parameters they were set up with.
     """
 
     def __init__(self, at_step: int, factor=None, d_model=None, d_ff=None, n_head=None,
@@ -105,9 +107,10 @@ class GrowthCallback(TrainerCallback, ExportableState):
                 "attributes": {"grown_at": self.grown_at}}
 
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        if args.world_size > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError("GrowthCallback supports single-process training only (no DDP, FSDP or "
-                             "DeepSpeed): their wrappers keep buffers sized for the old parameters")
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise ValueError("GrowthCallback supports single-process and DDP training, not FSDP or DeepSpeed "
+                             "Trainer runs: their engines keep shards and buffers sized for the old parameters "
+                             "(FSDP2: growkern train --fsdp, or widen_ of your own fully_shard model)")
         name = type(self).__name__
         # Trainer._save_checkpoint indexes stateful_callbacks[name] and raises KeyError when the
         # run resumed from a checkpoint saved without this callback

@@ -628,3 +628,50 @@ def test_fsdp_refuses_what_it_cannot_shard_and_changes_nothing():
     for msg, before, after, same_lr in run_ranks(_fsdp_refusal, 2, timeout=120):
         assert "orthogonalize" in msg and same_lr
         _assert_equal_states(before, after)
+
+
+def _trainer_ddp_growth(rank, world, out):
+    """transformers' Trainer under DDP (gloo) with a GrowthCallback at step 3: returns the
+    final weights and the dataset indices this rank was served."""
+    import transformers as T
+
+    from growkern.hf import GrowthCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randint(0, 61, (32, 8), generator=torch.Generator().manual_seed(0))
+            self.served = set()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            self.served.add(int(i))
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = T.TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2, report_to=[],
+                               use_cpu=True, disable_tqdm=True, save_strategy="no", ddp_backend="gloo",
+                               logging_steps=100)
+    data = Tokens()
+    grow = GrowthCallback(at_step=3, factor=2, strategy="perturb", seed=1)
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[grow])
+    trainer.train()
+    return {"world": args.world_size, "wrapper": type(trainer.model_wrapped).__name__, "grown_at": grow.grown_at,
+            "hidden": model.config.hidden_size, "served": sorted(data.served),
+            "weights": {n: p.detach().numpy().copy() for n, p in model.named_parameters()}}
+
+
+def test_trainer_ddp_run_grows_every_replica_and_keeps_averaging(tmp_path):
+    """A Trainer DDP run (2 ranks, each its own batches) with GrowthCallback: both replicas
+    grow at step 3 and train 3 more steps; their weights stay identical, which they would
+    not if DDP had stopped averaging the grown gradients."""
+    r0, r1 = run_ranks(_trainer_ddp_growth, 2, args=(tmp_path,), timeout=180)
+    for r in (r0, r1):
+        assert (r["world"], r["wrapper"], r["grown_at"], r["hidden"]) == (2, "DistributedDataParallel", 3, 32)
+    assert not set(r0["served"]) & set(r1["served"])  # different data on each rank
+    assert r0["weights"]["model.embed_tokens.weight"].shape == (61, 32)
+    for name, w in r0["weights"].items():
+        np.testing.assert_array_equal(w, r1["weights"][name], err_msg=name)
