@@ -195,3 +195,5 @@ def test_verdict_logic_and_finding():
     g = stats.Finding("speedup at g = 2", "pays off", 0.8, 0.7, 0.9, 3, test="> 1")
     assert g.verdict == "disagree"
     assert "no CI" in stats.Finding("x", "y", 1.0, float("nan"), float("nan"), 1).markdown()
+    assert "(n = 2; 4 of 4 cells < 0; paper: y" in stats.Finding("x", "y", -1.0, -2.0, -0.5, 2, "< 0",
+                                                                detail="4 of 4 cells < 0").markdown()

@@ -154,6 +154,48 @@ def test_warmstart_interrupted_reruns_only_what_is_missing(warmstart):
     assert strip(read_csv(out / "results.csv")[1]) == before  # bit-identical recomputation
 
 
+def test_seeds_added_later_run_only_their_main_candidates(warmstart, tmp_path):
+    """--seeds 0,1,2 on a finished 2-seed study computes seed 2's main candidates alone
+    (sweep_seeds keeps the re-warm and noise runs on seeds 0 and 1), reuses the rest, and
+    the findings count 3 seeds."""
+    import shutil
+    out, _ = warmstart
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    shutil.copytree(out / "cache", tmp_path / "cache")
+    shutil.copy(out / "study.json", tmp_path / "study.json")
+    assert studies_main(["warmstart", "--preset", "smoke", "--out", str(tmp_path), "--data", str(REAL),
+                         "--seeds", "0,1,2", "--quiet", "--workers", "1"]) == 2  # another preset: --force
+    res = run_warmstart("smoke", tmp_path, data=REAL, progress=False, workers=1, force=True,
+                        base_seeds=(0, 1, 2), sweep_seeds=(0, 1))
+    assert (res.computed, res.cached) == (7 * 2 * 2, SMOKE_ROWS)
+    _, rows = read_csv(tmp_path / "results.csv")
+    assert {r["group"] for r in rows if r["base_seed"] == "2"} == {"main"}
+    findings = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("- **")]
+    assert findings and all("(n = 3; " in line for line in findings)
+    with pytest.raises(ValueError, match=r"sweep_seeds must be None or some of base_seeds \(2,\)"):
+        run_warmstart("smoke", tmp_path, data=REAL, progress=False, force=True, base_seeds=(2,), sweep_seeds=(0,))
+
+
+def test_warmstart_intervals_take_the_base_seed_as_the_unit():
+    """Two checkpoints of one base seed are not two independent draws: a quantity that is
+    the same at both checkpoints of each seed has the CI of its per-seed values, n = seeds."""
+    import numpy as np
+
+    from growkern.studies import stats, warmstart_report as wr
+
+    cells = [(seed, ckpt) for seed in (0, 1, 2) for ckpt in (10, 20)]
+    per_seed = {0: 0.010, 1: 0.013, 2: 0.007}
+    x = np.array([per_seed[s] for s, _ in cells])
+    assert wr.mean_ci(x, cells) == pytest.approx(stats.bootstrap_ci(list(per_seed.values()), method="t"))
+    naive = stats.bootstrap_ci(x, method="t")  # six "units": a narrower, false interval
+    assert naive[2] - naive[1] < wr.mean_ci(x, cells)[2] - wr.mean_ci(x, cells)[1]
+    # a seed's checkpoints are averaged first; a missing cell leaves that seed's other one
+    y = np.array([1.0, 3.0, 5.0, np.nan, 2.0, 2.0])
+    assert list(wr.per_seed(y, cells)) == [2.0, 5.0, 2.0]
+    assert wr.n_seeds(np.array([1.0, 2.0, np.nan, np.nan, 3.0, 4.0]), cells) == 2
+    assert wr.cell_signs(np.array([-1.0, -2.0, 0.5, np.nan]), "< 0") == "2 of 3 cells < 0"
+
+
 @pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed")
 def test_warmstart_curve_plot_shows_every_candidate(tmp_path, monkeypatch):
     """Synthetic rows: perturb coincides with exact_copy (1e-6 nats), scratch lies far above

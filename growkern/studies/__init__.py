@@ -10,6 +10,7 @@ object; run_study_cli(args) runs the parsed command.
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -32,7 +33,13 @@ def add_study_commands(subparsers) -> None:
         presets = WARMSTART if name == "warmstart" else GROWTH_FACTOR
         sp = subparsers.add_parser(name, help=help_, description=help_)
         sp.add_argument("--preset", default="smoke", choices=sorted(presets),
-                        help="sizes and budgets: smoke (CI, minutes), cpu (~30 min on a CPU), paper (GPU)")
+                        help="sizes and budgets: smoke (CI, minutes), cpu (under an hour on 2 CPU cores), "
+                             "paper (one GPU)")
+        seeds_help = ("base models" if name == "warmstart" else
+                      "small models' and scratch runs' inits and data orders")
+        sp.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                        help=f"seeds of the {seeds_help} (default: the preset's, 0,1); runs of seeds "
+                             f"already in --out are reused, so adding seeds computes only theirs")
         sp.add_argument("--out", default=None,
                         help=f"output folder (default results/{name}-<preset>); rerunning into it "
                              f"reuses every finished run")
@@ -54,6 +61,17 @@ def add_study_commands(subparsers) -> None:
         sp.set_defaults(study=name)
 
 
+def _seed_list(text: str) -> tuple:
+    """'0,1,2' -> (0, 1, 2): distinct non-negative integers."""
+    try:
+        seeds = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers like 0,1,2, got {text!r}")
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def add_study_parser(subparsers):
     """Add `study warmstart|growth-factor` to the growkern CLI's subparsers; returns the
     `study` parser. Dispatch with run_study_cli(args)."""
@@ -68,6 +86,8 @@ def run_study_cli(args, command: str | None = None) -> int:
     """Run the study parsed by add_study_parser/add_study_commands; `command` is the
     command line recorded in the report (default: this process's). Returns 0."""
     overrides = {}
+    if getattr(args, "seeds", None):
+        overrides["base_seeds" if args.study == "warmstart" else "seeds"] = args.seeds
     if getattr(args, "strategy", None):
         overrides["strategy"] = args.strategy
     if command is None:

@@ -35,6 +35,10 @@ class WarmstartPreset:
     eval_every: int
     dropout: float  # stochastic regime
     base_seeds: tuple = (0, 1)  # one base model per seed (init and data order)
+    # base seeds whose cells also run the re-warmed and noise-sweep candidates (None: all);
+    # the other seeds run the main candidates only, so seeds can be added to the findings
+    # at the cost of the main candidates alone
+    sweep_seeds: tuple | None = None
     growth_seed: int = 0  # the growth's noise (Philox key); recorded per row
     strategies: tuple = WARMSTART_STRATEGIES
     regimes: tuple = REGIMES
@@ -54,6 +58,10 @@ class WarmstartPreset:
     def horizon(self) -> int:
         """The LR schedule's length: the last checkpoint plus a continuation."""
         return max(self.checkpoints) + self.continuation
+
+    def sweeps(self, base_seed: int) -> bool:
+        """Whether the cells of `base_seed` run the re-warm and noise-sweep candidates."""
+        return self.sweep_seeds is None or base_seed in self.sweep_seeds
 
     def describe(self) -> list[str]:
         wide = round(self.d_model * self.growth_factor)
@@ -75,7 +83,9 @@ class WarmstartPreset:
             f"candidates: {', '.join(self.strategies)} (schedule continues; szp and scratch restart it)"
             + (f"; the preserving ones also re-warmed over {self.rewarm_steps} steps" if self.rewarm else "")
             + (f"; perturb (preserving and not) at relative noise {', '.join(f'{n:g}' for n in self.noise_scales)}"
-               f" in the deterministic regime" if self.noise_scales else ""),
+               f" in the deterministic regime" if self.noise_scales else "")
+            + (f"; re-warm and noise candidates on base seeds {', '.join(map(str, self.sweep_seeds))} only"
+               if self.sweep_seeds is not None and set(self.base_seeds) - set(self.sweep_seeds) else ""),
         ]
 
 
@@ -166,11 +176,13 @@ WARMSTART = {
     "cpu": WarmstartPreset(
         name="cpu", vocab_size=1024, block_size=64, n_layer=4, d_model=64, n_head=4, growth_factor=2,
         batch_size=16, lr=2e-3, warmup=100, checkpoints=(500, 1000), continuation=128, probe_lag=16,
-        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=8, threads=1),
+        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=8, base_seeds=tuple(range(8)),
+        sweep_seeds=(0, 1, 2, 3), threads=1),
     "paper": WarmstartPreset(
         name="paper", vocab_size=8192, block_size=256, n_layer=8, d_model=512, n_head=8, growth_factor=2,
         batch_size=32, lr=1e-3, warmup=200, checkpoints=(1000, 2000), continuation=128, probe_lag=16,
-        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=16),
+        eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=16, base_seeds=(0, 1, 2),
+        sweep_seeds=(0, 1)),
 }
 
 GROWTH_FACTOR = {

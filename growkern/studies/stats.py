@@ -419,10 +419,11 @@ class Finding:
     estimate: float
     lo: float
     hi: float
-    n: int  # units behind the CI (e.g. checkpoint x seed cells)
+    n: int  # independent units behind the CI (e.g. seeds)
     test: str = "> 0"  # the claim as a condition on the quantity
     level: float = 0.95
     verdict: str = ""  # computed from (estimate, lo, hi, test) when left empty
+    detail: str = ""  # a descriptive note shown after n, e.g. "4 of 4 cells < 0"
 
     def __post_init__(self):
         if not self.verdict:
@@ -435,4 +436,5 @@ class Finding:
         ci = (f"[{_fmt(self.lo)}, {_fmt(self.hi)}]" if not (math.isnan(self.lo) or math.isnan(self.hi))
               else "no CI")
         return (f"- **{self.verdict}**: {self.claim} = {_fmt(self.estimate)}, {self.level:.0%} CI {ci} "
-                f"(n = {self.n}; paper: {self.paper}; tested: {self.test})")
+                f"(n = {self.n}{'; ' + self.detail if self.detail else ''}; paper: {self.paper}; "
+                f"tested: {self.test})")

@@ -106,6 +106,8 @@ def validate(p) -> None:
          f"checkpoints must be positive ints, got {p.checkpoints}")
     need(len(p.base_seeds) >= 1 and len(set(p.base_seeds)) == len(p.base_seeds),
          f"base_seeds must be distinct, got {p.base_seeds}")
+    need(p.sweep_seeds is None or (len(p.sweep_seeds) >= 1 and set(p.sweep_seeds) <= set(p.base_seeds)),
+         f"sweep_seeds must be None or some of base_seeds {p.base_seeds}, got {p.sweep_seeds}")
     need(0 < p.probe_lag <= p.continuation, f"probe_lag must be in [1, continuation={p.continuation}], "
                                               f"got {p.probe_lag}")
     need(all(0 < lag <= p.continuation for lag in p.escape_lags),
@@ -251,6 +253,8 @@ def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads
         for base_seed in p.base_seeds:
             for step in p.checkpoints:
                 for cand in candidates(p):
+                    if cand.group != "main" and not p.sweeps(base_seed):
+                        continue
                     for regime in candidate_regimes(p, cand):
                         cfg = {"kind": "warmstart-candidate", "base": bases[base_seed], "checkpoint": step,
                                "strategy": cand.spec(), "schedule": cand.schedule,

@@ -11,13 +11,16 @@ import numpy as np
 from . import stats
 from .presets import SMOKE_NOTE
 from .progress import fmt_seconds
-from .report import fmt, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
+from .report import fmt, fmt_sig, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
 from .warmstart import COLUMNS, PAPER_FAMILIES, SELECTORS, candidates
 
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
 LOG_SELECTORS = ("pres_kl", "escape0", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)
 SAME_TOL = 1e-4  # nats: mean curves this close at every eval step are named as coinciding in the legend
 CELL = ("base_seed", "checkpoint")  # a base model's checkpoint: the unit every candidate shares
+# The unit of replication is the base seed: the checkpoints of one seed come from one base
+# run and are not independent draws, so a per-cell quantity is averaged over the seed's
+# checkpoints first and the CI is taken over seeds (the growth-factor study does the same).
 
 
 def cells_of(rows) -> list[tuple]:
@@ -31,17 +34,44 @@ def per_cell(rows, regime: str, candidate: str, column: str, cells) -> np.ndarra
     return np.array([np.nan if got.get(c) is None else float(got[c]) for c in cells])
 
 
-def mean_ci(x) -> tuple[float, float, float]:
-    """Mean and 95% CI over cells: Student t (bootstrap percentiles cannot cover at n = 4)."""
+def per_seed(x, cells) -> np.ndarray:
+    """A per-cell array averaged over each base seed's checkpoints (cells without a value
+    left out; seeds with none dropped), in seed order."""
     x = np.asarray(x, dtype=float)
-    x = x[~np.isnan(x)]
+    seeds = sorted({c[0] for c in cells})
+    vals = [[v for c, v in zip(cells, x) if c[0] == s and not np.isnan(v)] for s in seeds]
+    return np.array([np.mean(v) for v in vals if v])
+
+
+def mean_ci(x, cells) -> tuple[float, float, float]:
+    """Mean over seeds of a per-cell array and its 95% Student t CI over seeds (bootstrap
+    percentiles cannot cover at n <= 5); no CI from one seed."""
+    x = per_seed(x, cells)
     return stats.bootstrap_ci(x, method="t") if x.size else (math.nan, math.nan, math.nan)
 
 
-def diff_ci(a, b) -> tuple[float, float, float]:
-    """Mean of a - b over the cells both have, with its paired 95% t interval."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return mean_ci(d)
+def diff_ci(a, b, cells) -> tuple[float, float, float]:
+    """Mean of a - b over the cells both have, paired, with its 95% t CI over seeds."""
+    return mean_ci(np.asarray(a, float) - np.asarray(b, float), cells)
+
+
+def n_seeds(x, cells) -> int:
+    return int(per_seed(x, cells).size)
+
+
+def cell_signs(x, test: str) -> str:
+    """How many cells lie on the tested side, e.g. '4 of 4 cells < 0' (descriptive: the
+    cells of a seed are not independent)."""
+    op, t = stats.parse_claim(test)
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    side = int(np.sum(x > t) if op == ">" else np.sum(x < t))
+    return f"{side} of {x.size} cells {op} {t:g}"
+
+
+def within_ci(ws, cells) -> tuple[float, float, float]:
+    """The mean within-cell Spearman of a stats.WithinSpearman, with its t CI over seeds."""
+    return mean_ci([ws.cells.get(c, math.nan) for c in cells], cells)
 
 
 def ci_text(est, lo, hi, digits=4) -> str:
@@ -60,12 +90,12 @@ def best_other(rows, regime, names, column, than: str) -> str:
     return next(s for s, _ in ranking(rows, regime, names, column) if s != than)
 
 
-def lead(rows, regime, names, column, who: str, cells) -> tuple[float, float, float, str]:
-    """who's column minus that of the best other candidate (by mean), per cell: < 0 means
-    who ranks first."""
+def lead(rows, regime, names, column, who: str, cells) -> tuple[np.ndarray, str]:
+    """who's column minus that of the best other candidate (by mean), per cell (< 0: who
+    ranks first), and that candidate."""
     other = best_other(rows, regime, names, column, who)
-    est, lo, hi = diff_ci(per_cell(rows, regime, who, column, cells), per_cell(rows, regime, other, column, cells))
-    return est, lo, hi, other
+    d = per_cell(rows, regime, who, column, cells) - per_cell(rows, regime, other, column, cells)
+    return d, other
 
 
 def selector_table(rows, regime, names, target: str):
@@ -77,33 +107,36 @@ def selector_table(rows, regime, names, target: str):
 def findings(rows, p, cells) -> list[stats.Finding]:
     main = [c.name for c in candidates(p) if c.group == "main"]
     regimes = [r for r in ("deterministic", "stochastic") if r in p.regimes]
-    out, n = [], len(cells)
+    out = []
     lag, end = p.probe_lag, p.continuation
+
+    def finding(claim, paper, per_cell_values, test):
+        est, lo, hi = mean_ci(per_cell_values, cells)
+        return stats.Finding(claim, paper, est, lo, hi, n_seeds(per_cell_values, cells), test,
+                             detail=cell_signs(per_cell_values, test))
+
     if "exact_copy" in main:
         for regime in regimes:
-            est, lo, hi, other = lead(rows, regime, main, "probe_loss", "exact_copy", cells)
-            out.append(stats.Finding(f"{lag}-step probe loss, exact_copy - {other} (best other), {regime}",
-                                     f"exact copy ranks first in every {lag}-step probe", est, lo, hi, n, "< 0"))
+            d, other = lead(rows, regime, main, "probe_loss", "exact_copy", cells)
+            out.append(finding(f"{lag}-step probe loss, exact_copy - {other} (best other), {regime}",
+                               f"exact copy ranks first in every {lag}-step probe", d, "< 0"))
         if "stochastic" in regimes:
-            est, lo, hi, other = lead(rows, "stochastic", main, "final_loss", "exact_copy", cells)
-            out.append(stats.Finding(f"final loss after {end} steps, exact_copy - {other} (best other), stochastic",
-                                     "exact copy ranks first in stochastic continuation", est, lo, hi, n, "< 0"))
+            d, other = lead(rows, "stochastic", main, "final_loss", "exact_copy", cells)
+            out.append(finding(f"final loss after {end} steps, exact_copy - {other} (best other), stochastic",
+                               "exact copy ranks first in stochastic continuation", d, "< 0"))
     if "structured" in main and "deterministic" in regimes:
-        est, lo, hi, other = lead(rows, "deterministic", main, "final_loss", "structured", cells)
-        out.append(stats.Finding(f"final loss after {end} steps, structured - {other} (best other), deterministic",
-                                 "the structured non-clone start wins deterministic continuation",
-                                 est, lo, hi, n, "< 0"))
+        d, other = lead(rows, "deterministic", main, "final_loss", "structured", cells)
+        out.append(finding(f"final loss after {end} steps, structured - {other} (best other), deterministic",
+                           "the structured non-clone start wins deterministic continuation", d, "< 0"))
     pool = [s for s in main if s in PAPER_FAMILIES]
     for regime in regimes:
         sub = [r for r in rows if r["regime"] == regime and r["candidate"] in pool]
         probe = stats.spearman_within(sub, CELL, "probe_loss", "final_loss", n_boot=2000).cells
         pres = stats.spearman_within(sub, CELL, "pres_kl", "final_loss", n_boot=2000).cells
-        both = [k for k in probe if k in pres and not (math.isnan(probe[k]) or math.isnan(pres[k]))]
-        est, lo, hi = mean_ci([probe[k] - pres[k] for k in both])
-        out.append(stats.Finding(
+        d = np.array([probe.get(c, math.nan) - pres.get(c, math.nan) for c in cells])
+        out.append(finding(
             f"Spearman with final loss within a cell, probe_loss minus pres_kl, paper's four families, {regime}",
-            "step-0 preservation is not a universal selector (a short probe selects better)",
-            est, lo, hi, len(both), "> 0"))
+            "step-0 preservation is not a universal selector (a short probe selects better)", d, "> 0"))
     return out
 
 
@@ -220,6 +253,8 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
     plots = _plots(out, p, [r for r in rows if r["group"] == "main"])
     files += plots
     n = len(cells)
+    seeds = sorted({c[0] for c in cells})
+    sweep = [sd for sd in seeds if p.sweeps(sd)]
 
     L = [f"# Warmstart study, preset `{p.name}`", "",
          f"Which warm start to continue from after width growth, following {PAPER}. "
@@ -237,10 +272,14 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
           f"{meta.get('workers', 1)} worker process(es)); compute time of all {len(rows)} continuations: "
           f"{fmt_seconds(meta['compute_seconds'])}",
           f"- device: {meta['device']}, torch threads per process: {meta['threads'] or 'default'}", "",
-          f"Every number below is a mean over the {n} cells (base model seed x checkpoint) with its 95% "
-          f"confidence interval in brackets (Student t over cells; paired over cells for differences). "
-          f"With {n} cells the intervals are wide: read a difference whose interval covers 0 as no "
-          f"difference.", ""]
+          f"The unit of replication is the base seed: the {len(p.checkpoints)} checkpoint(s) of a seed come "
+          f"from one base run, so each quantity is averaged over a seed's checkpoints first. Every number "
+          f"below is a mean over seeds with its 95% confidence interval in brackets (Student t over seeds, "
+          f"n - 1 degrees of freedom; differences paired within each cell): n = {len(seeds)} seeds "
+          f"({n} cells) for the main candidates"
+          + (f", {len(sweep)} for the re-warm and noise tables" if len(sweep) != len(seeds) else "")
+          + ". Read a difference whose interval covers 0 as no difference. Each finding also counts the "
+          "cells on its side (descriptive only).", ""]
 
     L += ["## Findings", ""]
     L += [f.markdown() for f in findings(rows, p, cells)]
@@ -259,12 +298,14 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         table = []
         for i, (s, _) in enumerate(fin):
             col = lambda c: per_cell(rows, regime, s, c, cells)  # noqa: E731
-            gap = diff_ci(col("final_loss"), per_cell(rows, regime, best, "final_loss", cells)) if s != best else None
-            table.append([s, i + 1, ci_text(*mean_ci(col("final_loss"))), "-" if gap is None else ci_text(*gap),
-                          auc_rank.index(s) + 1, ci_text(*mean_ci(col("auc"))),
-                          ci_text(*mean_ci(col("probe_loss"))), fmt(np.nanmean(col("pres_kl")), 2),
-                          fmt(np.nanmean(col("escape0")), 3), fmt(np.nanmean(col("probe_escape")), 3),
-                          fmt(np.nanmean(col("probe_rms")), 3)])
+            gap = (diff_ci(col("final_loss"), per_cell(rows, regime, best, "final_loss", cells), cells)
+                   if s != best else None)
+            table.append([s, i + 1, ci_text(*mean_ci(col("final_loss"), cells)),
+                          "-" if gap is None else ci_text(*gap), auc_rank.index(s) + 1,
+                          ci_text(*mean_ci(col("auc"), cells)), ci_text(*mean_ci(col("probe_loss"), cells)),
+                          fmt_sig(np.nanmean(col("pres_kl"))),
+                          fmt_sig(np.nanmean(col("escape0"))), fmt_sig(np.nanmean(col("probe_escape"))),
+                          fmt_sig(np.nanmean(col("probe_rms")))])
         L += [f"### {regime} regime", "",
               md_table(["candidate", "rank (final)", "final_loss", "gap to best", "rank (AUC)", "auc",
                         f"probe_loss @{p.probe_lag}", "pres_kl", "escape0", f"update escape @{p.probe_lag}",
@@ -280,9 +321,9 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         for regime in p.regimes:
             for c in sched:
                 d_f = diff_ci(per_cell(rows, regime, c.name, "final_loss", cells),
-                              per_cell(rows, regime, c.strategy, "final_loss", cells))
+                              per_cell(rows, regime, c.strategy, "final_loss", cells), cells)
                 d_a = diff_ci(per_cell(rows, regime, c.name, "auc", cells),
-                              per_cell(rows, regime, c.strategy, "auc", cells))
+                              per_cell(rows, regime, c.strategy, "auc", cells), cells)
                 table.append([regime, c.strategy, ci_text(*d_f), ci_text(*d_a)])
         L += [md_table(["regime", "strategy", "final_loss, rewarm - continue", "auc, rewarm - continue"],
                        table), ""]
@@ -302,16 +343,16 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
                 col = lambda c: per_cell(rows, "deterministic", name, c, cells)  # noqa: E731
                 if np.isnan(col("final_loss")).all():
                     continue
-                table.append([s, nz, ci_text(*mean_ci(col("final_loss"))),
-                              ci_text(*diff_ci(col("final_loss"), ref)), fmt(np.nanmean(col("pres_kl")), 2),
-                              fmt(np.nanmean(col("escape0")), 3), fmt(np.nanmean(col("probe_escape")), 3)])
+                table.append([s, nz, ci_text(*mean_ci(col("final_loss"), cells)),
+                              ci_text(*diff_ci(col("final_loss"), ref, cells)), fmt_sig(np.nanmean(col("pres_kl"))),
+                              fmt_sig(np.nanmean(col("escape0"))), fmt_sig(np.nanmean(col("probe_escape")))])
         L += [md_table(["strategy", "noise", "final_loss", "minus exact_copy", "pres_kl", "escape0",
                         f"update escape @{p.probe_lag}"], table), ""]
 
     L += ["## Selectors", "",
           "Spearman rank correlation of each selector with the final loss (and the AUC) over the main "
-          "candidates: within each cell (base model x checkpoint; the mean over cells with its "
-          "bootstrap CI) and pooled over all cells, for the paper's four families "
+          "candidates: within each cell (base model x checkpoint; the mean over cells with its t "
+          "CI over seeds) and pooled over all cells, for the paper's four families "
           f"({', '.join(s for s in main if s in PAPER_FAMILIES)}) and for all main candidates. Positive: "
           "a larger selector value goes with a worse loss. The paper's pool has only the four families; "
           "szp and scratch, far worse than the rest, make pooled correlations easy.", ""]
@@ -321,8 +362,8 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         for target in ("final_loss", "auc"):
             t4, ta = selector_table(rows, regime, four, target), selector_table(rows, regime, main, target)
             for sel in SELECTORS:
-                table.append([target, sel, ci_text(t4[sel].within, t4[sel].within_lo, t4[sel].within_hi, 2),
-                              fmt(t4[sel].pooled, 2), ci_text(ta[sel].within, ta[sel].within_lo, ta[sel].within_hi, 2),
+                table.append([target, sel, ci_text(*within_ci(t4[sel], cells), 2), fmt(t4[sel].pooled, 2),
+                              ci_text(*within_ci(ta[sel], cells), 2),
                               fmt(ta[sel].pooled, 2)])
         L += [f"### {regime} regime", "",
               md_table(["target", "selector", "within, four families", "pooled, four", "within, all main",
