@@ -35,10 +35,10 @@ class WarmstartPreset:
     eval_every: int
     dropout: float  # stochastic regime
     base_seeds: tuple = (0, 1)  # one base model per seed (init and data order)
-    # base seeds whose cells also run the re-warmed and noise-sweep candidates (None: all);
-    # the other seeds run the main candidates only, so seeds can be added to the findings
-    # at the cost of the main candidates alone
-    sweep_seeds: tuple | None = None
+    # how many base seeds (the first ones) also run the re-warmed and noise-sweep
+    # candidates (None: all); the others run the main candidates only, so seeds can be
+    # added to the findings at the cost of the main candidates alone
+    sweep_seed_count: int | None = None
     growth_seed: int = 0  # the growth's noise (Philox key); recorded per row
     strategies: tuple = WARMSTART_STRATEGIES
     regimes: tuple = REGIMES
@@ -59,9 +59,13 @@ class WarmstartPreset:
         """The LR schedule's length: the last checkpoint plus a continuation."""
         return max(self.checkpoints) + self.continuation
 
+    @property
+    def sweep_seeds(self) -> tuple:
+        """The base seeds whose cells also run the re-warm and noise-sweep candidates."""
+        return self.base_seeds if self.sweep_seed_count is None else self.base_seeds[:self.sweep_seed_count]
+
     def sweeps(self, base_seed: int) -> bool:
-        """Whether the cells of `base_seed` run the re-warm and noise-sweep candidates."""
-        return self.sweep_seeds is None or base_seed in self.sweep_seeds
+        return base_seed in self.sweep_seeds
 
     def describe(self) -> list[str]:
         wide = round(self.d_model * self.growth_factor)
@@ -85,7 +89,7 @@ class WarmstartPreset:
             + (f"; perturb (preserving and not) at relative noise {', '.join(f'{n:g}' for n in self.noise_scales)}"
                f" in the deterministic regime" if self.noise_scales else "")
             + (f"; re-warm and noise candidates on base seeds {', '.join(map(str, self.sweep_seeds))} only"
-               if self.sweep_seeds is not None and set(self.base_seeds) - set(self.sweep_seeds) else ""),
+               if len(self.sweep_seeds) < len(self.base_seeds) else ""),
         ]
 
 
@@ -177,12 +181,12 @@ WARMSTART = {
         name="cpu", vocab_size=1024, block_size=64, n_layer=4, d_model=64, n_head=4, growth_factor=2,
         batch_size=16, lr=2e-3, warmup=100, checkpoints=(500, 1000), continuation=128, probe_lag=16,
         eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=8, base_seeds=tuple(range(8)),
-        sweep_seeds=(0, 1, 2, 3), threads=1),
+        sweep_seed_count=4, threads=1),
     "paper": WarmstartPreset(
         name="paper", vocab_size=8192, block_size=256, n_layer=8, d_model=512, n_head=8, growth_factor=2,
         batch_size=32, lr=1e-3, warmup=200, checkpoints=(1000, 2000), continuation=128, probe_lag=16,
         eval_every=16, dropout=0.1, eval_batch_size=32, eval_batches=16, base_seeds=(0, 1, 2),
-        sweep_seeds=(0, 1)),
+        sweep_seed_count=2),
 }
 
 GROWTH_FACTOR = {

@@ -106,8 +106,8 @@ def validate(p) -> None:
          f"checkpoints must be positive ints, got {p.checkpoints}")
     need(len(p.base_seeds) >= 1 and len(set(p.base_seeds)) == len(p.base_seeds),
          f"base_seeds must be distinct, got {p.base_seeds}")
-    need(p.sweep_seeds is None or (len(p.sweep_seeds) >= 1 and set(p.sweep_seeds) <= set(p.base_seeds)),
-         f"sweep_seeds must be None or some of base_seeds {p.base_seeds}, got {p.sweep_seeds}")
+    need(p.sweep_seed_count is None or (isinstance(p.sweep_seed_count, int) and p.sweep_seed_count >= 0),
+         f"sweep_seed_count must be None (every base seed) or an int >= 0, got {p.sweep_seed_count!r}")
     need(0 < p.probe_lag <= p.continuation, f"probe_lag must be in [1, continuation={p.continuation}], "
                                               f"got {p.probe_lag}")
     need(all(0 < lag <= p.continuation for lag in p.escape_lags),

@@ -17,6 +17,10 @@ from .warmstart import COLUMNS, PAPER_FAMILIES, SELECTORS, candidates
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
 LOG_SELECTORS = ("pres_kl", "escape0", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)
 SAME_TOL = 1e-4  # nats: mean curves this close at every eval step are named as coinciding in the legend
+# Step-0 preservation by an exactly preserving strategy is float32 rounding (KL ~1e-13,
+# loss change ~1e-7): below these floors a selector reads 0, so such candidates tie
+# instead of being ranked by rounding noise (perturb_np at noise 1e-3 is at KL ~3e-6).
+SELECTOR_FLOORS = {"pres_kl": 1e-9, "pres_dloss": 1e-6}
 CELL = ("base_seed", "checkpoint")  # a base model's checkpoint: the unit every candidate shares
 # The unit of replication is the base seed: the checkpoints of one seed come from one base
 # run and are not independent draws, so a per-cell quantity is averaged over the seed's
@@ -69,9 +73,17 @@ def cell_signs(x, test: str) -> str:
     return f"{side} of {x.size} cells {op} {t:g}"
 
 
+def floored(rows) -> list[dict]:
+    """rows with the selectors of SELECTOR_FLOORS set to 0 below their floor."""
+    return [{**r, **{k: 0.0 for k, f in SELECTOR_FLOORS.items() if k in r and abs(float(r[k])) < f}}
+            for r in rows]
+
+
 def within_ci(ws, cells) -> tuple[float, float, float]:
-    """The mean within-cell Spearman of a stats.WithinSpearman, with its t CI over seeds."""
-    return mean_ci([ws.cells.get(c, math.nan) for c in cells], cells)
+    """The mean within-cell Spearman of a stats.WithinSpearman, with its t CI over seeds
+    (clipped to [-1, 1], where a mean of correlations lives)."""
+    est, lo, hi = mean_ci([ws.cells.get(c, math.nan) for c in cells], cells)
+    return est, max(lo, -1.0), min(hi, 1.0)
 
 
 def ci_text(est, lo, hi, digits=4) -> str:
@@ -100,8 +112,16 @@ def lead(rows, regime, names, column, who: str, cells) -> tuple[np.ndarray, str]
 
 def selector_table(rows, regime, names, target: str):
     """selector -> WithinSpearman of selector vs target over `names` (cells: base model x checkpoint)."""
-    sub = [r for r in rows if r["regime"] == regime and r["candidate"] in names]
+    sub = floored([r for r in rows if r["regime"] == regime and r["candidate"] in names])
     return {sel: stats.spearman_within(sub, CELL, sel, target, n_boot=2000) for sel in SELECTORS}
+
+
+def rho_text(ws, cells) -> tuple[str, str]:
+    """(within, pooled) cells of the selector table; 'tied' where the selector gives every
+    candidate the same value (no ranking at all)."""
+    if ws.n_cells == 0 and ws.n_skipped:
+        return "tied in every cell", "tied" if math.isnan(ws.pooled) else fmt(ws.pooled, 2)
+    return ci_text(*within_ci(ws, cells), 2), fmt(ws.pooled, 2)
 
 
 def findings(rows, p, cells) -> list[stats.Finding]:
@@ -130,12 +150,17 @@ def findings(rows, p, cells) -> list[stats.Finding]:
                            "the structured non-clone start wins deterministic continuation", d, "< 0"))
     pool = [s for s in main if s in PAPER_FAMILIES]
     for regime in regimes:
-        sub = [r for r in rows if r["regime"] == regime and r["candidate"] in pool]
+        sub = floored([r for r in rows if r["regime"] == regime and r["candidate"] in pool])
         probe = stats.spearman_within(sub, CELL, "probe_loss", "final_loss", n_boot=2000).cells
         pres = stats.spearman_within(sub, CELL, "pres_kl", "final_loss", n_boot=2000).cells
-        d = np.array([probe.get(c, math.nan) - pres.get(c, math.nan) for c in cells])
+        # a pres_kl that ties every candidate of a cell (all exactly preserving) selects
+        # nothing: rho 0, not undefined
+        tied = {c for c in cells if sum(1 for r in sub if tuple(r[k] for k in CELL) == c) >= 2
+                and len({r["pres_kl"] for r in sub if tuple(r[k] for k in CELL) == c}) == 1}
+        d = np.array([probe.get(c, math.nan) - (0.0 if c in tied else pres.get(c, math.nan)) for c in cells])
         out.append(finding(
-            f"Spearman with final loss within a cell, probe_loss minus pres_kl, paper's four families, {regime}",
+            f"Spearman with final loss within a cell, probe_loss minus pres_kl (0 where pres_kl ties every "
+            f"candidate), paper's four families, {regime}",
             "step-0 preservation is not a universal selector (a short probe selects better)", d, "> 0"))
     return out
 
@@ -219,7 +244,7 @@ def _plots(out: Path, p, rows) -> list[Path]:
     fig, axes = plt.subplots(len(p.regimes), len(SELECTORS), figsize=(3.3 * len(SELECTORS), 3.2 * len(p.regimes)),
                              squeeze=False)
     for i, regime in enumerate(p.regimes):
-        sub = [r for r in rows if r["regime"] == regime]
+        sub = floored([r for r in rows if r["regime"] == regime])
         rho = {sel: stats.spearman([r[sel] for r in sub], [r["final_loss"] for r in sub]) for sel in SELECTORS}
         for j, sel in enumerate(SELECTORS):
             ax = axes[i][j]
@@ -355,16 +380,17 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
           "CI over seeds) and pooled over all cells, for the paper's four families "
           f"({', '.join(s for s in main if s in PAPER_FAMILIES)}) and for all main candidates. Positive: "
           "a larger selector value goes with a worse loss. The paper's pool has only the four families; "
-          "szp and scratch, far worse than the rest, make pooled correlations easy.", ""]
+          "szp and scratch, far worse than the rest, make pooled correlations easy. `pres_kl` below "
+          f"{SELECTOR_FLOORS['pres_kl']:g} and `pres_dloss` below {SELECTOR_FLOORS['pres_dloss']:g} in "
+          "magnitude (float32 rounding of an exactly preserved function) read 0: candidates that all "
+          "preserve exactly tie, and a selector tied in every cell ranks nothing.", ""]
     for regime in p.regimes:
         table = []
         four = [s for s in main if s in PAPER_FAMILIES]
         for target in ("final_loss", "auc"):
             t4, ta = selector_table(rows, regime, four, target), selector_table(rows, regime, main, target)
             for sel in SELECTORS:
-                table.append([target, sel, ci_text(*within_ci(t4[sel], cells), 2), fmt(t4[sel].pooled, 2),
-                              ci_text(*within_ci(ta[sel], cells), 2),
-                              fmt(ta[sel].pooled, 2)])
+                table.append([target, sel, *rho_text(t4[sel], cells), *rho_text(ta[sel], cells)])
         L += [f"### {regime} regime", "",
               md_table(["target", "selector", "within, four families", "pooled, four", "within, all main",
                         "pooled, all"], table), ""]
