@@ -341,7 +341,7 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         L += ["## Continue vs re-warm", "",
               f"The same grown model continued on the base run's {p.schedule} schedule, or with the "
               f"schedule re-warmed linearly over {p.rewarm_steps} steps: re-warmed minus continued, paired "
-              f"over cells (negative: re-warming helps).", ""]
+              f"within each cell, over the {len(sweep)} sweep seed(s) (negative: re-warming helps).", ""]
         table = []
         for regime in p.regimes:
             for c in sched:
@@ -359,17 +359,19 @@ def write_report(out: Path, p, rows, meta: dict) -> list[Path]:
         L += ["## Noise scale of perturb", "",
               "Deterministic regime. perturb adds relative noise of the given scale to the clones, "
               "antithetic (function preserving) or not; differences to exact_copy (the same clones "
-              "without noise), paired over cells.", ""]
+              f"without noise), paired within each cell; every row over the {len(sweep)} sweep seed(s), "
+              f"the 0.01 rows (the main candidates) included, so the rows compare.", ""]
         table = []
-        ref = per_cell(rows, "deterministic", "exact_copy", "final_loss", cells)
+        sweep_cells = [c for c in cells if p.sweeps(c[0])]
+        ref = per_cell(rows, "deterministic", "exact_copy", "final_loss", sweep_cells)
         for s in ("perturb", "perturb_np"):
             for nz in noise:
                 name = s if nz == 0.01 else f"{s}@{nz:g}"
-                col = lambda c: per_cell(rows, "deterministic", name, c, cells)  # noqa: E731
+                col = lambda c: per_cell(rows, "deterministic", name, c, sweep_cells)  # noqa: E731
                 if np.isnan(col("final_loss")).all():
                     continue
-                table.append([s, nz, ci_text(*mean_ci(col("final_loss"), cells)),
-                              ci_text(*diff_ci(col("final_loss"), ref, cells)), fmt_sig(np.nanmean(col("pres_kl"))),
+                table.append([s, nz, ci_text(*mean_ci(col("final_loss"), sweep_cells)),
+                              ci_text(*diff_ci(col("final_loss"), ref, sweep_cells)), fmt_sig(np.nanmean(col("pres_kl"))),
                               fmt_sig(np.nanmean(col("escape0"))), fmt_sig(np.nanmean(col("probe_escape")))])
         L += [md_table(["strategy", "noise", "final_loss", "minus exact_copy", "pres_kl", "escape0",
                         f"update escape @{p.probe_lag}"], table), ""]
