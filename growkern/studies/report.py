@@ -28,9 +28,11 @@ def fmt(x, digits: int = 4) -> str:
 
 def fmt_sig(x, sig: int = 3) -> str:
     """x to `sig` significant digits (for values spanning decades: 4.26e-13, 0.00264, 0.55)."""
-    if isinstance(x, float) and not math.isnan(x) and x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+    if not isinstance(x, float) or math.isnan(x):
+        return fmt(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
         return f"{x:.{sig - 1}e}"
-    return f"{x:.{sig}g}" if isinstance(x, float) and not math.isnan(x) else fmt(x)
+    return f"{x:.{sig}g}"
 
 
 def md_table(headers, rows) -> str:

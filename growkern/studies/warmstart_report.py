@@ -150,14 +150,21 @@ def findings(rows, p, cells) -> list[stats.Finding]:
                            "the structured non-clone start wins deterministic continuation", d, "< 0"))
     pool = [s for s in main if s in PAPER_FAMILIES]
     for regime in regimes:
-        sub = floored([r for r in rows if r["regime"] == regime and r["candidate"] in pool])
-        probe = stats.spearman_within(sub, CELL, "probe_loss", "final_loss", n_boot=2000).cells
-        pres = stats.spearman_within(sub, CELL, "pres_kl", "final_loss", n_boot=2000).cells
-        # a pres_kl that ties every candidate of a cell (all exactly preserving) selects
-        # nothing: rho 0, not undefined
-        tied = {c for c in cells if sum(1 for r in sub if tuple(r[k] for k in CELL) == c) >= 2
-                and len({r["pres_kl"] for r in sub if tuple(r[k] for k in CELL) == c}) == 1}
-        d = np.array([probe.get(c, math.nan) - (0.0 if c in tied else pres.get(c, math.nan)) for c in cells])
+        by_cell: dict = {}
+        for r in floored([r for r in rows if r["regime"] == regime and r["candidate"] in pool]):
+            by_cell.setdefault(tuple(r[k] for k in CELL), []).append(r)
+
+        def probe_minus_pres(rs) -> float:
+            if len(rs) < 2:
+                return math.nan
+            final = [r["final_loss"] for r in rs]
+            pres = [r["pres_kl"] for r in rs]
+            # a pres_kl that ties every candidate (all exactly preserving) selects nothing:
+            # rho 0, not undefined
+            rho_pres = 0.0 if len(set(pres)) == 1 else stats.spearman(pres, final)
+            return stats.spearman([r["probe_loss"] for r in rs], final) - rho_pres
+
+        d = np.array([probe_minus_pres(by_cell.get(c, [])) for c in cells])
         out.append(finding(
             f"Spearman with final loss within a cell, probe_loss minus pres_kl (0 where pres_kl ties every "
             f"candidate), paper's four families, {regime}",
