@@ -51,7 +51,7 @@ def _reset_peak() -> None:
 
 def _model(args, device):
     from growkern import GPTConfig
-    from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model
+    from growkern.train.loop import TrainConfig, build_optimizer, build_scheduler, init_model
     cfg = GPTConfig(vocab_size=args.vocab, block_size=64, n_layer=args.n_layer, n_head=args.d_model // 64,
                     d_model=args.d_model)
     model = init_model(cfg, 0, device)
@@ -68,8 +68,8 @@ def _model(args, device):
 def _rank(rank, world, port, args, queue):
     import torch.distributed as dist
     import growkern
-    from growkern import distributed as D
-    from growkern.widen import new_state_bytes
+    from growkern.train import distributed as D
+    from growkern.growth.checks import new_state_bytes
     torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":

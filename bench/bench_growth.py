@@ -46,9 +46,9 @@ from benchenv import device_name, git_commit, sync
 
 import growkern
 from growkern import GPT, GPTConfig
-from growkern.adapter import adapter_for
-from growkern.backends import resolve_backend
-from growkern.widen import build_group
+from growkern.growth.adapter import adapter_for
+from growkern.kernels.backends import resolve_backend
+from growkern.growth.apply import build_group
 
 STRATEGIES = ["exact_copy", "perturb", "asym_reset", "structured", "szp", "scratch"]
 HF_STRATEGIES = ["exact_copy", "perturb"]

@@ -28,8 +28,9 @@ import torch
 from benchenv import device_name, git_commit, sync
 
 from growkern import GPTConfig
-from growkern.train import (TrainConfig, autocast_dtype, build_optimizer, build_scheduler,
-                            flops_per_token, init_model, peak_flops, resolve_device, train)
+from growkern.train.distributed import resolve_device
+from growkern.train.loop import (TrainConfig, autocast_dtype, build_optimizer, build_scheduler, flops_per_token,
+                                 init_model, peak_flops, train)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.csv"
 HERE = Path(__file__).resolve().parent

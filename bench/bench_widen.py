@@ -51,9 +51,10 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from benchenv import device_name, git_commit, sync  # noqa: E402
-from growkern.backends import backends, resolve_backend  # noqa: E402
-from growkern.ops import TensorScales, WidenGroup, reference_widen  # noqa: E402
-from growkern.widen import _free_bytes, batch_indices  # noqa: E402
+from growkern.kernels.backends import backends, resolve_backend  # noqa: E402
+from growkern.kernels.spec import TensorScales, WidenGroup, reference_widen  # noqa: E402
+from growkern.growth.apply import batch_indices  # noqa: E402
+from growkern.growth.checks import free_bytes  # noqa: E402
 
 # nominal memory bandwidth, GB/s (1e9 bytes/s), by device-name substring
 KNOWN_BANDWIDTH = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -252,7 +253,7 @@ def run_rung(d, dtype, args, device, methods, env, writer):
     old_numel = sum(torch.Size(old).numel() for _, old in groups)
     new_numel = sum(torch.Size(g.shape).numel() for g, _ in groups)
     n_bytes = args.members * esize * (old_numel + new_numel)
-    if 1.1 * n_bytes > (_free_bytes(device) or 0):
+    if 1.1 * n_bytes > (free_bytes(device) or 0):
         print(f"# d_model {d} {dtype}: skipped, old + new state ({n_bytes / 2**30:.1f} GiB) does not fit")
         return
     work = [([torch.randn(old, generator=gen).to(device=device, dtype=dtype) for _ in range(args.members)], g)

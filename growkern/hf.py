@@ -20,11 +20,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from . import schedule as schedule_mod
-from . import plan_growth, widen_
-from .checkpoint import staged_directory
-from .strategies import make_strategy
-from .widen import unwrap_scheduler
+from .growth import schedule as schedule_mod
+from .growth.plan import plan_growth
+from .growth.strategies import make_strategy
+from .growth.widen import widen_
+from .growth.wrappers import unwrap_scheduler
+from .train.checkpoint import staged_directory
 
 logger = logging.get_logger(__name__)
 

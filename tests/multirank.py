@@ -36,7 +36,7 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp", "growkern",
-           "growkern.train", "growkern.widen", "growkern.checkpoint", "transformers"]
+           "growkern.train.loop", "growkern.growth.widen", "growkern.train.checkpoint", "transformers"]
 _ctx = None
 
 

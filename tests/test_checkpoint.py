@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import growkern
-from growkern import checkpoint as C
-from growkern.train import build_optimizer, build_scheduler, init_model, make_batches, train
+from growkern.train import checkpoint as C
+from growkern.train.loop import build_optimizer, build_scheduler, init_model, make_batches, train
 
 from test_train import cfg, dead_pid, synthetic_tokens, tiny
 

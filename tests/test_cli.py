@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from growkern import checkpoint as C
+from growkern.train import checkpoint as C
 from growkern import cli
-from growkern import data as D
+from growkern.train import data as D
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
 needs_real = pytest.mark.skipif(not (REAL / "train.txt").is_file() or not (REAL / "valid.txt").is_file(),
@@ -107,9 +107,9 @@ def test_grow_refuses_what_would_lose_or_waste_work(tmp_path, capsys, monkeypatc
     refused(src, "--factor", 1, "--out", out, words="factor 1.0 leaves every width unchanged")
     refused(src, "--d-model", 64, "--out", out, words="the targets leave every width unchanged")
     refused(src, "--factor", 1000, "--out", out, words="GiB")  # memory or disk, said in one line
-    import growkern.widen
+    import growkern.growth.checks
     with monkeypatch.context() as m:
-        m.setattr(growkern.widen, "_free_bytes", lambda dev: 1000)
+        m.setattr(growkern.growth.checks, "free_bytes", lambda dev: 1000)
         refused(src, "--out", out, words="GiB are free; nothing was changed")
     assert not out.exists()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from growkern import checkpoint as C
+from growkern.train import checkpoint as C
 from growkern import cli
 
 from test_train import log_records

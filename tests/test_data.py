@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from growkern import data as D
+from growkern.train import data as D
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
 needs_real = pytest.mark.skipif(

@@ -77,7 +77,7 @@ def _tokens(n=20_000, vocab=61, seed=0):
 
 def _setup(log_path=None, steps=6, grad_accum=1):
     from growkern import GPTConfig
-    from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches
+    from growkern.train.loop import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches
     gcfg = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16)
     tcfg = TrainConfig(steps=steps, batch_size=4, block_size=16, lr=1e-2, min_lr=1e-3, warmup=2,
                        eval_every=3, eval_batches=2, progress=False, log_path=log_path, grad_accum=grad_accum)
@@ -89,7 +89,7 @@ def _setup(log_path=None, steps=6, grad_accum=1):
 def _state(model, opt):
     """Parameters and AdamW moments by name, as float64 numpy (picklable, comparable);
     FSDP2's sharded tensors gathered whole (a collective: every rank calls it)."""
-    from growkern.distributed import local
+    from growkern.growth.placement import local
     named = dict(model.named_parameters())
     out = {n: local(p.detach()).numpy().copy() for n, p in named.items()}
     ids = {id(p): n for n, p in named.items()}
@@ -102,8 +102,8 @@ def _state(model, opt):
 def _plain_twin(gpt, opt, sched, tcfg):
     """A single-process copy of a (possibly sharded) model with its optimizer and
     scheduler state, gathered whole."""
-    from growkern.distributed import local
-    from growkern.train import build_optimizer, build_scheduler, init_model
+    from growkern.growth.placement import local
+    from growkern.train.loop import build_optimizer, build_scheduler, init_model
     twin = init_model(copy.deepcopy(gpt.config), 0).double()
     named = dict(gpt.named_parameters())
     with torch.no_grad():
@@ -122,15 +122,16 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
     """Train to grow_at, widen_ (on the DDP wrapper or the FSDP2 root when world > 1),
     train to end."""
     import growkern
-    from growkern import distributed as D
-    from growkern.data import eval_batches
-    from growkern.train import train
+    from growkern.growth.placement import find_ddp, local
+    from growkern.train import distributed as D
+    from growkern.train.data import eval_batches
+    from growkern.train.loop import train
     model, opt, sched, batches, tcfg = _setup(log_path, end, grad_accum)
     ctx = D.context(model)
     if world > 1:
         ctx = D.Context(rank, world, rank, parallel)
         model = D.wrap(model, ctx) if parallel == "ddp" else D.shard_model(model, opt, ctx)
-    gpt = D.find_ddp(model).module if world > 1 and parallel == "ddp" else model
+    gpt = find_ddp(model).module if world > 1 and parallel == "ddp" else model
     val = eval_batches(_tokens(seed=1), 16, 4, 2)
     hist = train(model, opt, sched, batches, tcfg, end_step=grow_at if strategy else end, eval_data=val)
     out = {"hist": hist}
@@ -149,7 +150,7 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
             x, y = D.shard(x, ctx), D.shard(y, ctx)
         _, loss = model(x, y)
         loss.backward()
-        out["grad"] = {n: D.local(p.grad).numpy().copy() for n, p in gpt.named_parameters()}
+        out["grad"] = {n: local(p.grad).numpy().copy() for n, p in gpt.named_parameters()}
         opt.zero_grad(set_to_none=True)
         out["hist"] += train(model, opt, sched, batches, tcfg, start_step=grow_at, end_step=end, eval_data=val)
     out["final"] = _state(gpt, opt)
@@ -253,7 +254,7 @@ def test_widen_of_the_inner_module_grows_through_its_ddp_wrapper():
 def _refuse_builtin_hook(rank, world):
     import torch.distributed as dist
     import growkern
-    from growkern import distributed as D
+    from growkern.train import distributed as D
     model, opt, sched, _, _ = _setup()
     ddp = D.wrap(model, D.Context(rank, world, rank, "ddp"))
     ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)
@@ -293,7 +294,7 @@ def test_torchrun_train_smoke(tmp_path, parallel):
     trained. FSDP2 also: `growkern grow` of that checkpoint offline, in one process,
     writes a distributed checkpoint of the new width, which `train --resume --fsdp`
     continues under torchrun."""
-    from growkern import checkpoint as C
+    from growkern.train import checkpoint as C
     out = tmp_path / "run"
     flags = ["--fsdp"] if parallel == "fsdp" else []
     t0 = time.monotonic()
@@ -366,8 +367,8 @@ def _fsdp_growth_peak(rank, world):
     import growkern
     from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
-    from growkern import distributed as D
-    from growkern.train import train
+    from growkern.train import distributed as D
+    from growkern.train.loop import train
     model, opt, sched, batches, tcfg = _setup(None, 1)
     model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"))
     train(model, opt, sched, batches, tcfg)  # one step: the moments exist
@@ -403,9 +404,9 @@ def _dcp_run(rank, world, ckdir, mode, save_at=3, end=6):
     """mode "save": train to save_at, checkpoint (torch.distributed.checkpoint), train to
     end; mode "resume": load the checkpoint, train to end. FSDP2 when world > 1. Returns
     the final state, gathered whole."""
-    from growkern import checkpoint as C
-    from growkern import distributed as D
-    from growkern.train import train
+    from growkern.train import checkpoint as C
+    from growkern.train import distributed as D
+    from growkern.train.loop import train
     ctx = D.Context(rank, world, rank, "fsdp") if world > 1 else D.SINGLE
     if mode == "save":
         model, opt, sched, batches, tcfg = _setup(None, end)
@@ -434,7 +435,7 @@ def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resume
     shards, or by one process) resumes on 1 or 2 ranks, loaded whole then sharded, or
     read straight into the shards (load_sharded), with the continuation of the run that
     wrote it (float32: reduction order differs across world sizes)."""
-    from growkern import checkpoint as C
+    from growkern.train import checkpoint as C
     ck = tmp_path / "ckpt"
     wrote = run_ranks(_dcp_run, saved_on, args=(str(ck), "save"), timeout=120)[0]
     meta = json.loads((ck / "meta.json").read_text())
@@ -454,9 +455,9 @@ def test_dcp_checkpoint_resumes_on_another_world_size(tmp_path, saved_on, resume
 def _dcp_save_then_die(rank, world, ckdir):
     """Save at step 1 (complete), then rank 1 dies in the middle of the save at step 2."""
     import signal
-    from growkern import checkpoint as C
-    from growkern import distributed as D
-    from growkern.train import train
+    from growkern.train import checkpoint as C
+    from growkern.train import distributed as D
+    from growkern.train.loop import train
     model, opt, sched, batches, tcfg = _setup(None, 2)
     model = D.shard_model(model.float(), opt, D.Context(rank, world, rank, "fsdp"))
     train(model, opt, sched, batches, tcfg, end_step=1)
@@ -478,7 +479,7 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     """SIGKILL one rank in the middle of a distributed save: the checkpoint before it
     stays complete and loadable; the half-written staging directory is never swapped in
     and the next load (or save) of that checkpoint removes it."""
-    from growkern import checkpoint as C
+    from growkern.train import checkpoint as C
     ck = tmp_path / "ckpt"
     with pytest.raises(RankError, match="rank 1"):
         run_ranks(_dcp_save_then_die, 2, args=(str(ck),), timeout=60)
@@ -496,7 +497,7 @@ def _hf_fsdp_grow(rank, world, family):
     rank, not), grown x2 with perturb, then one more step on the global batch."""
     import transformers as T
     import growkern
-    from growkern import distributed as D
+    from growkern.train import distributed as D
     if family == "llama":  # GQA, untied, biases: rows split under row_offset
         cls, cfg = T.LlamaForCausalLM, T.LlamaConfig(
             vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -541,9 +542,10 @@ def test_fsdp_growth_of_hugging_face_models_equals_the_single_process(family):
 def _stochastic_run(rank, world, ckdir, mode):
     """DDP in the stochastic regime (dropout 0.1, each rank its own masks): "save" trains
     2 steps, saves, trains 2 more; "resume" loads, restores this rank's RNG, trains 2."""
-    from growkern import checkpoint as C
-    from growkern import distributed as D
-    from growkern.train import seed_everything, train
+    from growkern.growth.placement import find_ddp
+    from growkern.train import checkpoint as C
+    from growkern.train import distributed as D
+    from growkern.train.loop import seed_everything, train
     ctx = D.Context(rank, world, rank, "ddp")
     if mode == "save":
         model, opt, sched, batches, tcfg = _setup(None, 4)
@@ -561,7 +563,7 @@ def _stochastic_run(rank, world, ckdir, mode):
         train(model, opt, sched, batches, tcfg, end_step=2)
         C.save(ckdir, model, opt, sched, step=2, train_config=tcfg, batches=batches)
     train(model, opt, sched, batches, tcfg, start_step=2, end_step=4)
-    return _state(D.find_ddp(model).module, opt)
+    return _state(find_ddp(model).module, opt)
 
 
 def test_a_stochastic_distributed_run_resumes_bit_for_bit(tmp_path):
@@ -578,7 +580,7 @@ def test_a_stochastic_distributed_run_resumes_bit_for_bit(tmp_path):
 def _plain_state_without_dropout(tmp_path):
     """The same model and data without dropout (so the test above is not vacuous)."""
     model, opt, sched, batches, tcfg = _setup(None, 4)
-    from growkern.train import train
+    from growkern.train.loop import train
     model = model.float()
     train(model, opt, sched, batches, tcfg)
     return model.wte.weight.detach().numpy()
@@ -586,14 +588,15 @@ def _plain_state_without_dropout(tmp_path):
 
 def _fsdp_mixed_precision(rank, world):
     import torch
-    from growkern import distributed as D
-    from growkern.train import train
+    from growkern.growth.placement import fsdp_params
+    from growkern.train import distributed as D
+    from growkern.train.loop import train
     model, opt, sched, batches, tcfg = _setup(None, 4)
     model = model.float()  # the same Parameter objects, in float32
     if world > 1:
         model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"), param_dtype=torch.bfloat16)
     hist = train(model, opt, sched, batches, tcfg)
-    reduce = {fp.reduce_dtype for fp in D.fsdp_params(model).values()}  # None: the compute dtype
+    reduce = {fp.reduce_dtype for fp in fsdp_params(model).values()}  # None: the compute dtype
     return [r["loss"] for r in hist], {p.dtype for p in model.parameters()}, reduce
 
 
@@ -610,8 +613,8 @@ def test_fsdp_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
 def _fsdp_refusal(rank, world):
     """A growth FSDP2 sharding cannot do is refused before anything changes."""
     import growkern
-    from growkern import distributed as D
-    from growkern.train import train
+    from growkern.train import distributed as D
+    from growkern.train.loop import train
     model, opt, sched, batches, tcfg = _setup(None, 1)
     model = D.shard_model(model, opt, D.Context(rank, world, rank, "fsdp"))
     train(model, opt, sched, batches, tcfg)

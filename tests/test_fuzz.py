@@ -38,8 +38,8 @@ from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
 from growkern import GPT, GPTConfig, cli, plan_growth, widen_
-from growkern import data as D
-from growkern.strategies import strategies as registered_strategies
+from growkern.train import data as D
+from growkern.growth.strategies import strategies as registered_strategies
 
 N = settings.default.max_examples
 REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"

@@ -465,7 +465,7 @@ def test_growth_that_does_not_fit_fails_up_front(monkeypatch):
     opt = trained(m)
     sched = torch.optim.lr_scheduler.StepLR(opt, 3)
     before = snapshot(m, opt, sched)
-    monkeypatch.setattr(growkern.widen_module, "_free_bytes", lambda dev: 1000)
+    monkeypatch.setattr(growkern.growth.checks, "free_bytes", lambda dev: 1000)
     with pytest.raises(MemoryError, match="nothing was changed"):
         widen_(m, opt, sched, factor=2)
     assert_same(before, snapshot(m, opt, sched))

@@ -15,8 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import growkern  # noqa: E402
 from growkern import plan_growth, widen_  # noqa: E402
-from growkern.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN,  # noqa: E402
-                              POSITIONS, Adapter, fused, linear)
+from growkern.growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, POSITIONS, Adapter, fused, linear)
 
 V = 61  # odd vocabulary on purpose
 COMMON = dict(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -340,7 +339,7 @@ NANO = Adapter(
 def nano_registered():
     growkern.register_adapter(NANO)
     yield
-    growkern.adapter._ADAPTERS.remove(NANO)
+    growkern.growth.adapter._ADAPTERS.remove(NANO)
 
 
 def test_nanogpt_style_model_grows_through_register_adapter(nano_registered):

@@ -36,9 +36,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from growkern import philox  # noqa: E402
-from growkern.backends import backends, resolve_backend  # noqa: E402
-from growkern.ops import TensorScales, WidenGroup, reference_widen  # noqa: E402
+from growkern.kernels import philox  # noqa: E402
+from growkern.kernels.backends import backends, resolve_backend  # noqa: E402
+from growkern.kernels.spec import TensorScales, WidenGroup, reference_widen  # noqa: E402
 
 AVAIL = backends()
 HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
@@ -728,7 +728,7 @@ def test_fallback_when_the_extension_is_absent(monkeypatch):
     """No growkern._C: backends() says why, 'auto' falls back to the reference with one
     warning, asking for 'cpu' is a clear error, and widen_ still works."""
     import importlib
-    B = importlib.import_module("growkern.backends")  # growkern.backends is also a function
+    B = importlib.import_module("growkern.kernels.backends")
     from growkern.kernels import ext
     monkeypatch.setattr(ext, "_state", {"mod": None, "err": "growkern._C is not importable: simulated"})
     monkeypatch.setattr(B, "_cache", {})

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import growkern
-from growkern import GPT, GPTConfig, mup, widen_
-from growkern import checkpoint as C
-from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches, train
+from growkern import GPT, GPTConfig, widen_
+from growkern.growth import mup
+from growkern.models.gpt import param_kind as gpt_param_kind
+from growkern.train import checkpoint as C
+from growkern.train.loop import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches, train
 
 from test_train import cfg, synthetic_tokens, tiny
 
@@ -137,7 +139,7 @@ def test_mup_init_lr_multipliers_and_groups():
             parameterization="mup", mup_base_width=16)
     c = m.config
     assert mup.width_mult(c) == 4 and mup.output_multiplier(c) == 0.25
-    kinds = {n: mup.gpt_param_kind(n) for n, _ in m.named_parameters()}
+    kinds = {n: gpt_param_kind(n) for n, _ in m.named_parameters()}
     assert kinds["wte.weight"] == kinds["wpe.weight"] == "input"
     assert kinds["lm_head.weight"] == "output"
     assert kinds["blocks.0.attn.q_proj.weight"] == kinds["blocks.1.mlp.down.weight"] == "hidden"

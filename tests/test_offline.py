@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from growkern import GPTConfig, widen_
-from growkern import checkpoint as C
-from growkern import offline
-from growkern.train import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches, train
+from growkern.train import checkpoint as C
+from growkern.train import offline
+from growkern.train.loop import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches, train
 
 
 def _tokens(n=5000, vocab=61):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from growkern import philox
+from growkern.kernels import philox
 
 # Random123 kat_vectors, philox4x32_10: (counter, key, expected)
 KAT = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from growkern.studies import stats
-from growkern.metrics import spearman as metrics_spearman
+from growkern.studies.metrics import spearman as metrics_spearman
 
 try:
     import scipy.stats as sps

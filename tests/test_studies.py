@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import growkern.train
+import growkern.train.loop
 from growkern.studies import growth_factor, run_growth_factor, run_warmstart
 from growkern.studies.__main__ import main as studies_main
 from growkern.studies.warmstart import COLUMNS as WS_COLUMNS, PRESERVING
@@ -31,7 +31,7 @@ def read_csv(path):
 def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached study trained something")
-    monkeypatch.setattr(growkern.train, "train", fail)
+    monkeypatch.setattr(growkern.train.loop, "train", fail)
 
 
 def assert_png(path):
@@ -337,7 +337,7 @@ def test_growth_factor_runs_are_mup_with_the_targets_base_width(growth):
         assert cfg["growth_schedule"] is None and cfg["strategy"] == "szp" and cfg["growth_seed"] == 0
     ckpts = list((out / "cache" / "small").glob("*/step-*"))
     assert ckpts
-    from growkern import checkpoint as ckpt_mod
+    from growkern.train import checkpoint as ckpt_mod
     ck = ckpt_mod.load(ckpts[0])
     assert ck.model.config.parameterization == "mup" and ck.model.config.mup_base_width == 24
     assert ck.model.config.d_model < 24

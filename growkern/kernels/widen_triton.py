@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import check_row_offset
+from .spec import check_row_offset
 
 try:  # precise log1p / sinpi / cospi / sqrt on the GPU
     from triton.language.extra import libdevice

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..staging import atomic_open
+from ..train.staging import atomic_open
 
 # Bump when a change in the study code changes results, so old results are not reused.
 STUDY_VERSION = 2

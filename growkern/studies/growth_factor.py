@@ -25,14 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from .. import checkpoint as ckpt_mod
-from .. import metrics
-from .. import train as train_mod
-from ..model import GPT, GPTConfig
-from ..plan import plan_growth
-from ..widen import widen_
+from ..train import checkpoint as ckpt_mod
+from . import metrics
+from ..train import loop as train_mod
+from ..models.gpt import GPT, GPTConfig
+from ..growth.plan import plan_growth
+from ..growth.widen import widen_
 from .cache import RunStore, atomic_write_json, check_output, config_key
-from .heldout import resolve_device, study_data, torch_threads, val_loss
+from ..train.distributed import resolve_device
+from .heldout import study_data, torch_threads, val_loss
 from .pool import default_workers, run_units
 from .presets import default_data, get_preset, preset_dict
 from .progress import Progress, fmt_seconds

@@ -7,9 +7,10 @@ import copy
 
 import torch
 
-from .. import data as data_mod
-from .. import metrics
-from .. import train as train_mod
+from ..growth.probe import kl_divergence
+from ..growth.wrappers import unwrap
+from ..train import data as data_mod
+from ..train import loop as train_mod
 from .presets import default_data
 
 
@@ -43,7 +44,7 @@ def val_loss(model, windows) -> float:
 
 @torch.no_grad()
 def heldout_kl(model_p, model_q, windows) -> float:
-    """KL(p || q) averaged over every held-out position (metrics.kl_divergence per batch,
+    """KL(p || q) averaged over every held-out position (growkern.growth.probe.kl_divergence per batch,
     weighted by its number of positions)."""
     total = n = 0.0
     states = (model_p.training, model_q.training)
@@ -55,7 +56,7 @@ def heldout_kl(model_p, model_q, windows) -> float:
         for x, _ in windows:
             lp = model_p(x.to(dev_p))[0]
             lq = model_q(x.to(dev_q))[0].to(lp.device)
-            total += metrics.kl_divergence(lp, lq) * x.numel()
+            total += kl_divergence(lp, lq) * x.numel()
             n += x.numel()
     finally:
         model_p.train(states[0])
@@ -65,7 +66,7 @@ def heldout_kl(model_p, model_q, windows) -> float:
 
 def frozen_copy(model):
     """An evaluation-mode copy of the model, detached from its optimizer."""
-    m = copy.deepcopy(train_mod.unwrap(model))
+    m = copy.deepcopy(unwrap(model))
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -73,11 +74,7 @@ def frozen_copy(model):
 
 
 def param_snapshot(model) -> dict:
-    return {n: p.detach().clone() for n, p in train_mod.unwrap(model).named_parameters()}
-
-
-def resolve_device(device) -> torch.device:
-    return train_mod.resolve_device(device or "auto")
+    return {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from ..staging import atomic_open
+from ..train.staging import atomic_open
 
 
 def fmt(x, digits: int = 4) -> str:

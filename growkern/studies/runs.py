@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import checkpoint as ckpt_mod
-from .. import train as train_mod
+from ..train import checkpoint as ckpt_mod
+from ..train import loop as train_mod
 from .heldout import val_loss
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_mod
-from . import distributed as dist_mod
-from .model import GPTConfig
-from .train import (TrainConfig, build_optimizer, build_scheduler, evaluate, flops_per_token,
-                    init_model, make_batches, resolve_device, seed_everything, train, LRSchedule)
+from ..train import checkpoint as ckpt_mod
+from ..train import distributed as dist_mod
+from ..models.gpt import GPTConfig
+from ..train.distributed import resolve_device
+from ..train.loop import (LRSchedule, TrainConfig, build_optimizer, build_scheduler, evaluate, flops_per_token,
+                          init_model, make_batches, seed_everything, train)
 
 # tiny: a CPU run of a couple of minutes on 2 cores; small: a GPU-sized starting point.
 # model.vocab_size is the tokenizer's requested size; the model gets the actual one.
@@ -88,7 +89,7 @@ class CLIError(Exception):
 
 def repo_sample() -> Path:
     """The offline TinyStories sample beside the repository (../shared/data/tinystories)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
 
 
 def default_data(data: str | None) -> str | None:
@@ -104,7 +105,7 @@ def default_data(data: str | None) -> str | None:
 
 
 def prepare_corpus(data: str | None, vocab_size: int):
-    from . import data as D
+    from ..train import data as D
     data_dir = D.resolve_data_dir(default_data(data))
     corpus = D.prepare(data_dir, vocab_size=vocab_size)
     return corpus, data_dir
@@ -113,7 +114,7 @@ def prepare_corpus(data: str | None, vocab_size: int):
 def corpus_for(ck: ckpt_mod.Checkpoint, data: str | None):
     """The corpus a checkpoint was trained on, tokenized with its own tokenizer. When
     the data differ from the run's, they are tokenized with the checkpoint's tokenizer."""
-    from . import data as D
+    from ..train import data as D
     ref = ck.tokenizer or {}
     data_dir = D.resolve_data_dir(default_data(data) or ref.get("data"))
     train_f, valid_f = D.split_files(data_dir)
@@ -128,7 +129,7 @@ def corpus_for(ck: ckpt_mod.Checkpoint, data: str | None):
 
 
 def val_batches(corpus, tcfg: TrainConfig, n: int | None = None):
-    from .data import eval_batches
+    from ..train.data import eval_batches
     return eval_batches(corpus.valid, tcfg.block_size, tcfg.batch_size,
                         tcfg.eval_batches if n is None else (n or None))
 
@@ -241,7 +242,7 @@ def cmd_train(args) -> int:
 def _train(args, ctx: dist_mod.Context) -> int:
     t_start = time.perf_counter()
     say = print if ctx.is_main else (lambda *a, **k: None)
-    device_of = (lambda d: dist_mod.device_for(d, ctx.local_rank)) if ctx.distributed else resolve_device
+    device_of = (lambda d: resolve_device(d, ctx.local_rank)) if ctx.distributed else resolve_device
     if args.resume:
         flags = flag_overrides(args)
         if flags["model"]:
@@ -373,8 +374,8 @@ def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=
                     options=None, plan=None):
     """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry.
     `plan`: the plan_growth of the same targets, when the caller made it already."""
-    from .plan import plan_growth
-    from .widen import widen_
+    from ..growth.plan import plan_growth
+    from ..growth.widen import widen_
     targets = growth_targets(factor, d_model, d_ff, n_head)
     if plan is None:
         plan = plan_growth(ck.model, strategy=strategy, seed=seed, **targets, **(options or {}))
@@ -423,7 +424,7 @@ def grow_hf(args, kind: str) -> int:
         raise CLIError(f"--schedule rewarm: {args.ckpt} is {what}, and {why}")
     if args.data:
         raise CLIError(f"--data picks the validation probe of growkern checkpoints; {args.ckpt} is {what}")
-    from . import hf
+    from .. import hf
     report = hf.grow_saved(args.ckpt, args.out, device=resolve_device(args.device), strategy=args.strategy,
                            seed=args.seed, **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
                            **parse_options(args.option))
@@ -454,8 +455,8 @@ def _check_grow_out(src: Path, out: Path, force: bool) -> None:
 
 def _announce_growth(model, optimizer, plan, out: Path) -> None:
     """Say what the growth will cost before doing it, and refuse what the disk cannot hold."""
-    from .widen import _dims, new_state_bytes
-    _announce(_dims(plan.old), _dims(plan.new), sum(p.numel() for p in model.parameters()),
+    from ..growth.checks import new_state_bytes
+    _announce(plan.old.widths(), plan.new.widths(), sum(p.numel() for p in model.parameters()),
               sum(math.prod(tp.new_shape) for tp in plan.tensors.values()),
               new_state_bytes(model, optimizer, plan), out)
 
@@ -476,7 +477,7 @@ def _announce(old: dict, new: dict, before: int, after: int, size: int, out: Pat
 
 def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
     """A distributed (DCP) checkpoint grows offline, one tensor at a time (growkern/offline.py)."""
-    from .offline import grow_dcp
+    from ..train.offline import grow_dcp
 
     def announce(e):
         _announce(e["dims_before"], e["dims_after"], e["params_before"], e["params_after"], e["bytes"], out,
@@ -498,7 +499,7 @@ def cmd_grow(args) -> int:
     kind = checkpoint_kind(args.ckpt)
     if kind != "growkern":
         return grow_hf(args, kind)
-    from .plan import plan_growth
+    from ..growth.plan import plan_growth
     out = Path(args.out)
     src, src_meta = ckpt_mod.read_meta(args.ckpt)
     _check_grow_out(src, out, args.force)
@@ -552,7 +553,7 @@ def cmd_eval(args) -> int:
 
 
 def load_tokenizer(ck):
-    from .data import load_tokenizer as load
+    from ..train.data import load_tokenizer as load
     f = ck.tokenizer_file or (Path(ck.tokenizer["path"]) if (ck.tokenizer or {}).get("path") else None)
     if f is None or not f.is_file():
         raise CLIError(f"{ck.path} has no tokenizer.json and its tokenizer cache is gone")
@@ -560,7 +561,7 @@ def load_tokenizer(ck):
 
 
 def generate_text(model, tok, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int):
-    from .data import BOS, EOS
+    from ..train.data import BOS, EOS
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     device = next(model.parameters()).device
     ids = [bos] + tok.encode(prompt, add_special_tokens=False).ids  # stories start after BOS
@@ -750,7 +751,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .strategies import strategies
+    from ..growth.strategies import strategies
     p = argparse.ArgumentParser(
         prog="growkern", formatter_class=_Formatter,
         description="Train a GPT on TinyStories, grow it in width with its whole training state, "

@@ -2,7 +2,7 @@
 
 An adapter is data, not code paths: a table from parameter-name patterns to the
 axes each parameter sits on, the config keys that hold the widths, the norm kind
-and the embedding scaling. The plan (growkern/plan.py), the strategies and the
+and the embedding scaling. The plan (growkern/growth/plan.py), the strategies and the
 kernels only ever see the `Shape` and the `Param` specs an adapter gives them.
 
 After the weights have grown, an adapter brings everything the model derives from
@@ -14,7 +14,7 @@ inv_freq, embedding scales, ...). The same two builds validate the growth up
 front: the grown parameter shapes must be those of a model built from the new
 config, or nothing is changed.
 
-The families growkern knows are in growkern/families.py; register your own with
+The families growkern knows are in growkern/models/ (gpt.py, hf_families.py); register your own with
 `growkern.register_adapter`.
 """
 from __future__ import annotations
@@ -57,6 +57,11 @@ class Shape:
 
     def replace(self, **changes) -> "Shape":
         return dataclasses.replace(self, **changes)
+
+    def widths(self) -> dict:
+        """The widths growth changes, as reports show them."""
+        return {"d_model": self.d_model, "d_ff": self.d_ff, "n_head": self.n_head,
+                "n_kv_head": self.n_kv_head, "head_dim": self.head_dim}
 
 
 # --- parameters: which axis is which ------------------------------------------------
@@ -142,6 +147,8 @@ class Adapter:
       transformers) rather than giving the model a new config object.
     finish: (model) -> None, anything the two-build sync cannot do (buffers built on
       the parameters' device).
+    config_class: the config type plan_growth may be given instead of a model (it then
+      plans on a meta-device build), or None.
     """
     name: str
     classes: tuple
@@ -155,6 +162,7 @@ class Adapter:
     build: Callable[[object], nn.Module] | None = None
     config_in_place: bool = True
     finish: Callable[[nn.Module], None] | None = None
+    config_class: type | None = None
     _compiled: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -179,6 +187,14 @@ class Adapter:
                 if cls is want or (isinstance(want, str) and cls.__name__ == want):
                     return True
         return False
+
+    def spec_of(self, name: str) -> Param:
+        """The Param of one parameter name; ValueError when no pattern (or several) matches."""
+        hits = [spec for rx, spec in self._compiled if rx.fullmatch(name)]
+        if len(hits) != 1:
+            why = "no pattern matches it" if not hits else f"{len(hits)} patterns match it"
+            raise ValueError(f"adapter {self.name!r}: parameter {name!r}: {why}")
+        return hits[0]
 
     def layout(self, model: nn.Module) -> dict[str, Param]:
         """name -> Param for every parameter of the model; ValueError naming the first
@@ -418,9 +434,9 @@ def adapter_for(model: nn.Module) -> Adapter:
                     f"Describe its parameters with growkern.register_adapter (docs/models.md)")
 
 
-def adapter_named(name: str) -> Adapter:
+def adapter_for_config(config) -> Adapter | None:
+    """The adapter whose config_class `config` is, or None."""
     for a in _ADAPTERS:
-        if a.name == name:
+        if a.config_class is not None and isinstance(config, a.config_class):
             return a
-    raise ValueError(f"unknown adapter {name!r}; known: {', '.join(adapters())}")
-
+    return None

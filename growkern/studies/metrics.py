@@ -1,4 +1,4 @@
-"""Metrics of the studies (defined in docs/studies.md): preservation, short-lag probes
+"""Metrics of the studies (defined in docs/studies.md; KL is growkern.growth.probe's): short-lag probes
 (update size and escape from the clone subspace), continuation utility, rank correlation
 and growth speedup."""
 from __future__ import annotations
@@ -6,17 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .plan import GrowthPlan
-
-
-@torch.no_grad()
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
-    """Mean over positions of KL(p || q) in nats, computed in float64."""
-    lp = F.log_softmax(logits_p.double(), -1)
-    lq = F.log_softmax(logits_q.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+from ..growth.maps import GrowthPlan
 
 
 @torch.no_grad()

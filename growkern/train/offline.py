@@ -5,7 +5,7 @@ grow_dcp reads its metadata, builds the model and optimizer skeletons on the met
 device (no memory) to make the plan and move the muP learning rates and the schedule,
 then writes the new checkpoint's dcp/ through a save planner that builds each new
 tensor when the writer asks for it: read that one old tensor from the source, grow it
-with the same primitive and maps widen_ uses (growkern.widen.grow_tensor), hand it to
+with the same primitive and maps widen_ uses (growkern.growth.apply.grow_tensor), hand it to
 the writer, drop it. Peak memory: one old tensor and its new version, not the model.
 
 The result is what `ckpt_mod.load` + widen_ + `save(storage="dcp")` would write, tensor
@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as C
-from .adapter import adapter_for
-from .model import GPT
-from .plan import plan_growth
-from .train import build_optimizer, build_scheduler
-from .widen import MOMENT_KEYS, SCHEDULES, _dims, _mup_lr_ratios, _stored_shape, apply_schedule, grow_tensor
+from ..growth.adapter import adapter_for
+from ..models.gpt import GPT
+from ..growth.plan import plan_growth
+from .loop import build_optimizer, build_scheduler
+from ..growth.apply import grow_tensor
+from ..growth.checks import MOMENT_KEYS
+from ..growth.schedule import SCHEDULES, apply_schedule, mup_lr_ratios
 
 
 def _tensor_index(path: Path, meta: dict, skeleton: dict, params: dict) -> dict:
@@ -56,7 +58,7 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     called once everything is validated, before anything is written (it may raise to
     stop). Returns the growth-history entry written into the new checkpoint (its
     "bytes": the size of the new tensors)."""
-    from .backends import resolve_backend
+    from ..kernels.backends import resolve_backend
     t0 = time.perf_counter()
     path, meta = C.read_meta(src)
     if meta.get("storage") != "dcp":
@@ -84,7 +86,7 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     optimizer.load_state_dict({"state": {}, "param_groups": skeleton["param_groups"]})
     state = C._load_state(path)
     C._load_scheduler(path, state["scheduler"], scheduler, tcfg, meta["step"])
-    notes = apply_schedule(optimizer, scheduler, _mup_lr_ratios(model, optimizer, gcfg, new_config),
+    notes = apply_schedule(optimizer, scheduler, mup_lr_ratios(model, optimizer, gcfg, new_config),
                            new_config, schedule, rewarm_steps)
 
     params = dict(model.named_parameters())
@@ -94,7 +96,7 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     for key, (name, role) in index.items():
         old = C.dcp_tensor_meta(path, key)
         if role in (None,) + MOMENT_KEYS:
-            shape = _stored_shape(plan.tensors[name], plan.tensors[name].new_shape)
+            shape = plan.tensors[name].stored(plan.tensors[name].new_shape)
         else:
             shape = old.shape  # step counters; buffers (none of growkern.GPT's persist)
         specs[key] = torch.empty(shape, dtype=old.dtype, device="meta")
@@ -114,9 +116,9 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     params_before = sum(p.numel() for p in params.values())
     params_after = sum(specs[f"model/{n}"].numel() for n in params)
     entry = {"strategy": plan.strategy.describe(), "backend": backend_name, "offline": True,
-             "dims_before": _dims(plan.old), "dims_after": _dims(plan.new),
+             "dims_before": plan.old.widths(), "dims_after": plan.new.widths(),
              "params_before": params_before, "params_after": params_after, "exact": plan.exact,
-             "notes": notes + ["grown offline one tensor at a time (growkern.offline.grow_dcp); "
+             "notes": notes + ["grown offline one tensor at a time (growkern.train.offline.grow_dcp); "
                                "step-0 preservation not measured"],
              "step": meta["step"], "source": str(path), "schedule": schedule, "rewarm_steps": rewarm_steps,
              "seed": seed, "targets": targets, "options": options or {},

@@ -1,6 +1,6 @@
 """Growth strategies: each a small named unit deciding how new units are made.
 
-A strategy answers four questions for a plan (growkern/plan.py):
+A strategy answers four questions for a plan (growkern/growth/maps.py):
 - dim_map: which old unit each new unit of a dimension copies, or that it is fresh;
 - tensor_plan: per parameter, the noise and any extra scaling;
 - moments: how optimizer moments are carried ("exact": the moment rule,
@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import mup
-from .plan import DimMap, GrowthPlan, TensorPlan, copy_index
+from .maps import DimMap, GrowthPlan, TensorPlan, copy_index, residual_norm_scale
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 
@@ -105,7 +105,6 @@ class Strategy:
     def adjust_config(self, plan: GrowthPlan):
         if not self.rescale_norms:
             return plan.new
-        from .plan import residual_norm_scale
         return plan.new.replace(norm_eps=plan.old.norm_eps * residual_norm_scale(plan) ** 2)
 
     def preservation(self, plan: GrowthPlan) -> tuple[bool, str]:

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .ops import WidenGroup, reference_widen
+from .spec import WidenGroup, reference_widen
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -37,7 +37,7 @@ def widen_reference(tensors: list[torch.Tensor], group: WidenGroup) -> list[torc
 
 def _ext_backends() -> dict[str, tuple[object, str]]:
     if "ext" not in _cache:
-        from .kernels import ext
+        from . import ext
         mod = ext.load()
         if mod is None:
             why = ext.load_error()
@@ -65,7 +65,7 @@ def _triton_backend() -> tuple[object, str]:
             _cache[key] = (None, "Triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret on the CPU)")
         else:
             try:
-                from .kernels.widen_triton import widen_triton
+                from .widen_triton import widen_triton
                 _cache[key] = (widen_triton, "")
             except Exception as e:  # a triton that does not match this torch
                 _cache[key] = (None, f"triton failed to import: {e!r}")
@@ -102,7 +102,7 @@ def _looped(fn):
 
 def _batched(fn, name):
     if name in ("cpu", "cuda"):
-        from .kernels import ext
+        from . import ext
         return ext.widen_many_cpu if name == "cpu" else ext.widen_many_cuda
     return _looped(fn)
 

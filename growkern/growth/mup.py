@@ -1,4 +1,4 @@
-"""muP (maximal update parameterization, Tensor Programs V) for growkern.GPT, in one place.
+"""muP (maximal update parameterization, Tensor Programs V): its rules over parameter kinds.
 
 A GPTConfig with parameterization="mup" and mup_base_width=B is the standard
 parameterization (SP, growkern's GPT-2 init and one LR) at d_model == B, and away from
@@ -8,7 +8,7 @@ it every parameter follows muP's width rules with the width multiplier
 
 (one multiplier for the whole model: d_ff and n_head * head_dim are taken to scale with
 d_model, as growth by a factor does). Per parameter kind, read off the adapter's Param
-table (growkern/families.py):
+table (growkern/models/):
 
 | kind   | parameters                        | init std        | Adam LR  | forward           |
 | ------ | --------------------------------- | --------------- | -------- | ----------------- |
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from .adapter import Param
+from .adapter import Param, adapter_for
 
 PARAMETERIZATIONS = ("sp", "mup")
 KINDS = ("hidden", "input", "output", "vector")
@@ -66,29 +66,26 @@ def param_kind(spec: Param) -> str:
     return classify(spec.kind, spec.rows, spec.cols)
 
 
-def gpt_param_kind(name: str) -> str:
-    """The muP kind of a growkern.GPT parameter, by its name in the GPT adapter's table."""
-    from .families import GPT as GPT_ADAPTER  # families imports the model: import when called
-    for rx, spec in GPT_ADAPTER._compiled:
-        if rx.fullmatch(name):
-            return param_kind(spec)
-    raise ValueError(f"growkern.mup: {name!r} is not a growkern.GPT parameter")
+def kinds(model) -> dict[str, str]:
+    """name -> muP kind of every parameter of a model, from its adapter's table."""
+    return {name: param_kind(spec) for name, spec in adapter_for(model).layout(model).items()}
 
 
-def init_multiplier(name: str, config) -> float:
-    """Factor on the SP init std of a GPT parameter: 1/sqrt(m) for hidden matrices (fan-in
-    variance 1/fan_in relative to the base width), 1 otherwise and under SP."""
+def init_multiplier(kind: str, config) -> float:
+    """Factor on the SP init std of a parameter of muP kind `kind`: 1/sqrt(m) for hidden
+    matrices (fan-in variance 1/fan_in relative to the base width), 1 otherwise and under SP."""
     if not is_mup(config):
         return 1.0
-    return 1.0 / math.sqrt(width_mult(config)) if gpt_param_kind(name) == "hidden" else 1.0
+    return 1.0 / math.sqrt(width_mult(config)) if kind == "hidden" else 1.0
 
 
-def lr_multiplier(name: str, config) -> float:
-    """Factor on the base LR of a GPT parameter under Adam: 1/m (= base fan-in / fan-in)
-    for hidden matrices, 1 for embeddings, the LM head, gains and biases, and under SP."""
+def lr_multiplier(kind: str, config) -> float:
+    """Factor on the base LR of a parameter of muP kind `kind` under Adam: 1/m (= base
+    fan-in / fan-in) for hidden matrices, 1 for embeddings, the LM head, gains and
+    biases, and under SP."""
     if not is_mup(config):
         return 1.0
-    return 1.0 / width_mult(config) if gpt_param_kind(name) == "hidden" else 1.0
+    return 1.0 / width_mult(config) if kind == "hidden" else 1.0
 
 
 def output_multiplier(config) -> float:
@@ -97,8 +94,8 @@ def output_multiplier(config) -> float:
 
 
 def lr_multipliers(model) -> dict[str, float]:
-    """name -> LR multiplier for every parameter of a growkern.GPT (tied weights once)."""
-    return {name: lr_multiplier(name, model.config) for name, _ in model.named_parameters()}
+    """name -> LR multiplier for every parameter of a model (tied weights once)."""
+    return {name: lr_multiplier(kind, model.config) for name, kind in kinds(model).items()}
 
 
 # --- szp: shrink, zero-pad, perturb at the muP scale -----------------------------------

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import GPT
+from tqdm import tqdm
+
+from ..growth import mup
+from ..growth.placement import local, reshard
+from ..growth.wrappers import unwrap
+from ..models.gpt import GPT, param_kind
+from . import distributed as dist_mod
+from .data import Batches
 from .staging import atomic_open, remove_stale_staging
 
 SCHEDULES = ("constant", "cosine", "wsd")
@@ -167,22 +174,6 @@ def set_dropout(model: nn.Module, p: float) -> None:
         gpt.rebuild_buffers()
 
 
-def unwrap(model: nn.Module) -> GPT:
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32. bf16 needs no loss scaling."""
     if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
@@ -192,7 +183,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 def make_batches(tokens, cfg: TrainConfig):
     """The training stream of the regime: fixed order, or shuffled with the salt."""
-    from .data import Batches
     return Batches(tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed,
                    shuffle=cfg.regime == "stochastic", salt=cfg.salt)
 
@@ -223,16 +213,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def _mup_groups(gpt, cfg: TrainConfig, decay: list, no_decay: list) -> list[dict]:
-    """muP (growkern/mup.py): SP's decayed group cut where its parameters change between
+    """muP (growkern/growth/mup.py): SP's decayed group cut where its parameters change between
     hidden matrices (lr / m) and the rest (lr): [wte, wpe], [hidden matrices], [lm_head]
     (the parameters keep SP's order, so at the base width training is SP's bit for bit);
     then the undecayed group as under SP. Each group holds its LR ("lr") and its
     multiplier ("mup_lr_mult"), which widen_ updates when the width changes."""
-    from . import mup
-    mult = {n: mup.lr_multiplier(n, gpt.config) for n, _ in decay + no_decay}
+    mult = {n: mup.lr_multiplier(param_kind(n), gpt.config) for n, _ in decay + no_decay}
     runs = []
     for n, p in decay:
-        hidden = mup.gpt_param_kind(n) == "hidden"
+        hidden = param_kind(n) == "hidden"
         if not runs or runs[-1][0] != hidden:
             runs.append((hidden, []))
         runs[-1][1].append((n, p))
@@ -405,7 +394,6 @@ def _progress_bar(cfg: TrainConfig, start: int, end: int):
     show = cfg.progress and sys.stderr.isatty()
     if not show:
         return None
-    from tqdm import tqdm
     return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, leave=True)
 
 
@@ -457,7 +445,6 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
     to every rank), records carry parallel and world_size and are the same on every
     rank, so on_step must decide the same everywhere.
     """
-    from . import distributed as dist_mod
     ctx = dist_mod.context(model)
     dist_mod.check_batch(cfg.batch_size, ctx)
     end = cfg.steps if end_step is None else end_step
@@ -503,10 +490,10 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
                 if cfg.grad_clip > 0:
-                    grad_norm = dist_mod.local(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                    grad_norm = local(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
                 else:  # (FSDP2: each norm of a sharded gradient is a collective)
                     grad_norm = torch.linalg.vector_norm(
-                        torch.stack([dist_mod.local(p.grad.norm()) for p in params if p.grad is not None]))
+                        torch.stack([local(p.grad.norm()) for p in params if p.grad is not None]))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -525,7 +512,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches
                 if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                     if ctx.kind == "fsdp":  # every rank: the forward gathers the shards
                         rec["val_loss"] = evaluate(model, eval_data, dtype)
-                        dist_mod.reshard(model)  # a forward without backward leaves the root gathered
+                        reshard(model)  # a forward without backward leaves the root gathered
                     elif ctx.distributed:  # on rank 0, through the module (no DDP collectives)
                         val = evaluate(gpt, eval_data, dtype) if ctx.is_main else None
                         rec["val_loss"] = dist_mod.broadcast_float(val, ctx, device)

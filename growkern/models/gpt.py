@@ -3,7 +3,8 @@
 Every projection is its own nn.Linear (q, k and v are separate) so that each
 weight has exactly one row axis and one column axis, each belonging to one
 width dimension (d_model, d_ff, heads x head_dim). The growth engine relies on
-that: see growkern/plan.py for the axis of every parameter.
+that: the table ADAPTER at the bottom gives the axes of every parameter
+(growkern/growth/adapter.py), from which growkern/growth/plan.py plans.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import mup
+from ..growth import mup
+from ..growth.adapter import EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, LM_HEAD, NORM_BIAS, NORM_GAIN, Adapter, linear, register_adapter
+from ..growth.adapter import POSITIONS as POSITION_EMBEDDING
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -97,12 +100,12 @@ class GPTConfig:
 def init_std(name: str, config: GPTConfig) -> float:
     """GPT-2 init of a parameter: N(0, 0.02), residual output projections scaled by
     1/sqrt(2 n_layer); biases 0 and norm gains 1 (std 0). Under muP, hidden matrices
-    take 1/sqrt(d_model / mup_base_width) on top (growkern.mup.init_multiplier)."""
+    take 1/sqrt(d_model / mup_base_width) on top (growkern.growth.mup.init_multiplier)."""
     if name.endswith("bias") or is_norm_gain(name):
         return 0.0
     std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith(("o_proj.weight", "mlp.down.weight")) else 0.02
     if config.parameterization == "mup":
-        std *= mup.init_multiplier(name, config)
+        std *= mup.init_multiplier(param_kind(name), config)
     return std
 
 
@@ -290,3 +293,52 @@ class GPT(nn.Module):
             probs = F.softmax(logits.float(), dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
         return idx
+
+
+L = r"\d+"  # a layer index
+
+# --- how growkern grows it ---------------------------------------------------------------
+
+
+def _gpt_finish(model):
+    model.rebuild_buffers()  # RoPE tables live on the parameters' device
+
+
+ADAPTER = register_adapter(Adapter(
+    name="growkern.GPT",
+    classes=("GPT",),
+    params={
+        r"wte\.weight": EMBEDDING,
+        r"wpe\.weight": POSITION_EMBEDDING,
+        rf"blocks\.{L}\.ln_[12]\.weight": NORM_GAIN,
+        rf"blocks\.{L}\.ln_[12]\.bias": NORM_BIAS,
+        rf"blocks\.{L}\.attn\.q_proj\.weight": linear("q", "d_model", out_role="query"),
+        rf"blocks\.{L}\.attn\.q_proj\.bias": linear("q", "d_model", out_role="query", bias=True),
+        rf"blocks\.{L}\.attn\.[kv]_proj\.weight": linear("kv", "d_model"),
+        rf"blocks\.{L}\.attn\.[kv]_proj\.bias": linear("kv", "d_model", bias=True),
+        rf"blocks\.{L}\.attn\.o_proj\.weight": linear("d_model", "q"),
+        rf"blocks\.{L}\.attn\.o_proj\.bias": linear("d_model", "q", bias=True),
+        rf"blocks\.{L}\.mlp\.(gate|up)\.weight": linear("d_ff", "d_model"),
+        rf"blocks\.{L}\.mlp\.(gate|up)\.bias": linear("d_ff", "d_model", bias=True),
+        rf"blocks\.{L}\.mlp\.down\.weight": linear("d_model", "d_ff"),
+        rf"blocks\.{L}\.mlp\.down\.bias": linear("d_model", "d_ff", bias=True),
+        r"ln_f\.weight": FINAL_NORM_GAIN,
+        r"ln_f\.bias": FINAL_NORM_BIAS,
+        r"lm_head\.weight": LM_HEAD,
+    },
+    config_keys=dict(d_model="d_model", d_ff="d_ff", n_head="n_head", n_kv_head="n_kv_head",
+                     norm_eps="norm_eps", vocab_size="vocab_size", n_layer="n_layer", norm="norm"),
+    init_std=lambda config, name, spec: init_std(name, config),  # as GPT.reset_parameters
+    build=GPT,
+    head_dim_growth=lambda config: config.pos == "learned",  # rotary pairs do not survive it
+    config_in_place=False,  # GPTConfig is a value; the model gets a new one
+    finish=_gpt_finish,
+    config_class=GPTConfig,
+))
+
+
+
+
+def param_kind(name: str) -> str:
+    """The muP kind of a GPT parameter (growkern/growth/mup.py), by its row in ADAPTER."""
+    return mup.param_kind(ADAPTER.spec_of(name))

@@ -1,4 +1,4 @@
-"""The model families growkern grows, one table each: parameter pattern -> axes.
+"""The Hugging Face model families growkern grows, one table each: parameter pattern -> axes.
 
 Read a row as "this parameter's output axis is ..., its input axis is ...".
 transformers is never imported here: Hugging Face classes are matched by name.
@@ -8,50 +8,10 @@ from __future__ import annotations
 
 import math
 
-from .adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, HEAD_NORM_GAIN, LM_HEAD, NORM_BIAS,
-                      NORM_GAIN, POSITIONS, Adapter, Param, fused, linear, register_adapter)
-from .model import GPT as GPTModel, init_std as gpt_init_std
+from ..growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, HEAD_NORM_GAIN, LM_HEAD, NORM_BIAS,
+                              NORM_GAIN, POSITIONS, Adapter, Param, fused, linear, register_adapter)
 
 L = r"\d+"  # a layer index
-
-# --- growkern.GPT ----------------------------------------------------------------------
-
-
-def _gpt_finish(model):
-    model.rebuild_buffers()  # RoPE tables live on the parameters' device
-
-
-GPT = Adapter(
-    name="growkern.GPT",
-    classes=("GPT",),
-    params={
-        r"wte\.weight": EMBEDDING,
-        r"wpe\.weight": POSITIONS,
-        rf"blocks\.{L}\.ln_[12]\.weight": NORM_GAIN,
-        rf"blocks\.{L}\.ln_[12]\.bias": NORM_BIAS,
-        rf"blocks\.{L}\.attn\.q_proj\.weight": linear("q", "d_model", out_role="query"),
-        rf"blocks\.{L}\.attn\.q_proj\.bias": linear("q", "d_model", out_role="query", bias=True),
-        rf"blocks\.{L}\.attn\.[kv]_proj\.weight": linear("kv", "d_model"),
-        rf"blocks\.{L}\.attn\.[kv]_proj\.bias": linear("kv", "d_model", bias=True),
-        rf"blocks\.{L}\.attn\.o_proj\.weight": linear("d_model", "q"),
-        rf"blocks\.{L}\.attn\.o_proj\.bias": linear("d_model", "q", bias=True),
-        rf"blocks\.{L}\.mlp\.(gate|up)\.weight": linear("d_ff", "d_model"),
-        rf"blocks\.{L}\.mlp\.(gate|up)\.bias": linear("d_ff", "d_model", bias=True),
-        rf"blocks\.{L}\.mlp\.down\.weight": linear("d_model", "d_ff"),
-        rf"blocks\.{L}\.mlp\.down\.bias": linear("d_model", "d_ff", bias=True),
-        r"ln_f\.weight": FINAL_NORM_GAIN,
-        r"ln_f\.bias": FINAL_NORM_BIAS,
-        r"lm_head\.weight": LM_HEAD,
-    },
-    config_keys=dict(d_model="d_model", d_ff="d_ff", n_head="n_head", n_kv_head="n_kv_head",
-                     norm_eps="norm_eps", vocab_size="vocab_size", n_layer="n_layer", norm="norm"),
-    init_std=lambda config, name, spec: gpt_init_std(name, config),  # as GPT.reset_parameters
-    build=GPTModel,
-    head_dim_growth=lambda config: config.pos == "learned",  # rotary pairs do not survive it
-    config_in_place=False,  # GPTConfig is a value; the model gets a new one
-    finish=_gpt_finish,
-)
-
 
 # --- Hugging Face transformers -----------------------------------------------------------
 
@@ -151,5 +111,5 @@ GPT2 = Adapter(
     norm="layernorm", init_std=_gpt2_init_std,
 )
 
-for _adapter in (GPT, LLAMA, PHI3, GEMMA, GPT2):
+for _adapter in (LLAMA, PHI3, GEMMA, GPT2):
     register_adapter(_adapter)

@@ -41,10 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from . import schedule as schedule_mod
-from .model import GPT, GPTConfig
-from .train import LRSchedule, TrainConfig, build_optimizer, build_scheduler, make_batches
+from ..growth import schedule as schedule_mod
+from ..growth.wrappers import unwrap
+from ..models.gpt import GPT, GPTConfig
+from .distributed import context, shard_model
+from .loop import LRSchedule, TrainConfig, build_optimizer, build_scheduler, make_batches
 from .staging import remove_stale_staging, staging_name
 
 FORMAT = 1
@@ -192,13 +195,11 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
     `growth_history`: GrowthReports or dicts; `rng`: default, the current RNG states.
     `storage`: "file" (one process writes), "dcp" (torch.distributed.checkpoint);
     default: "dcp" for a DDP or FSDP2 model (then a collective: every rank calls save),
-    else "file". For writers that stream the tensors (growkern/offline.py): with
+    else "file". For writers that stream the tensors (growkern/train/offline.py): with
     storage="dcp", `write_tensors(directory)` writes dcp/ instead of the model's and
     optimizer's tensors, and `optimizer_skeleton` is optimizer.pt's content."""
     if storage not in (None, "file", "dcp"):
         raise ValueError(f"storage must be 'file' or 'dcp', got {storage!r}")
-    from .distributed import context
-    from .train import unwrap
     path = Path(path)
     ctx = context(model)
     parallel = ctx.describe()  # a DDP wrapper: {"parallel": "ddp", "world_size": N}
@@ -219,7 +220,6 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
         raise FileExistsError(f"{path} exists and is not a growkern checkpoint; refusing to replace it")
     distributed = ctx.distributed or storage == "dcp"
     if ctx.distributed:  # a collective: rank 0 makes the staging directory, every rank writes into it
-        import torch.distributed as dist
         name = [str(make_staging(path)) if ctx.is_main else None]
         dist.broadcast_object_list(name, src=0, group=ctx.group)
         tmp = Path(name[0])
@@ -278,8 +278,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
             _write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
     finally:
         if ctx.distributed:
-            import torch.distributed as dist
-            dist.barrier(group=ctx.group)
+                dist.barrier(group=ctx.group)
     return path
 
 
@@ -376,7 +375,6 @@ def write_dcp_lazily(directory: Path, specs: dict, build) -> None:
 
 def _read_dcp(path: Path) -> dict:
     """The whole tensors of a DCP checkpoint in this process, by key, on the CPU."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     try:
@@ -651,7 +649,6 @@ def load_sharded(path, ctx, device, param_dtype: torch.dtype | None = None, veri
     rank's shards only what the rank holds, resharding from however many ranks wrote
     it. The whole model is never in one process. Validation as in load(), against the
     checkpoint's DCP metadata; verify: rank 0 checks every file's sha256."""
-    from .distributed import shard_model
     path, meta = read_meta(path)
     if meta.get("storage") != "dcp":
         raise _err(path, "load_sharded reads distributed (DCP) checkpoints; load() reads this one")
