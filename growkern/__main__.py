@@ -1,4 +1,4 @@
-"""`python -m growkern ...` runs the command line (growkern/cli.py)."""
+"""`python -m growkern ...` runs the command line (growkern/cli/)."""
 import sys
 
 from .cli import main

@@ -31,11 +31,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from torch.distributed.utils import _verify_param_shape_across_processes
+
 try:  # FSDP2 (torch >= 2.6)
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - older torch
-    FSDPModule = DTensor = None
+    FSDPModule = FSDPMeshInfo = HSDPMeshInfo = DTensor = None
 
 
 class SingleProcess:
@@ -231,7 +234,6 @@ def rebuild_reducer(ddp: DDP) -> None:
     rank holds the same grown shapes and values (a rank grown differently is an error
     on all ranks, not silently diverging replicas)."""
     params, sparse = ddp._build_params_for_reducer()
-    from torch.distributed.utils import _verify_param_shape_across_processes
     _verify_param_shape_across_processes(ddp.process_group, params)
     _check_same_values(ddp)
     ddp._ddp_init_helper(params, sparse, ddp._build_debug_param_to_name_mapping(params), ddp.static_graph)
@@ -288,8 +290,6 @@ def check_fsdp_growable(model: nn.Module, plan) -> dict:
     """Refuse, before anything changes, what sharded growth cannot do; returns
     fsdp_params(model). Moves every module to its sharded state (an eval forward
     leaves the root unsharded)."""
-    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
-
     def no(what):
         raise ValueError(f"widen_ cannot grow this FSDP2 model: {what}; supported: fully_shard on a 1-D "
                          f"mesh, parameters sharded on dim 0, no CPU offload (growkern.train.distributed.shard_model)")

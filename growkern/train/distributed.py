@@ -30,10 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..growth.placement import find_ddp, find_fsdp
 
 try:  # FSDP2 (torch >= 2.6)
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - older torch
-    FSDPModule = MixedPrecisionPolicy = fully_shard = DTensor = None
+    init_device_mesh = MixedPrecisionPolicy = fully_shard = DTensor = Shard = distribute_tensor = None
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -140,8 +141,6 @@ def shard_model(model: nn.Module, optimizer, ctx: Context, param_dtype: torch.dt
     state (every rank holds the same full state before: a new run, or a checkpoint
     loaded whole). `device`: where the shards will live, for a model still on the meta
     device (default: the parameters' device). Returns the model, now an FSDPModule."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
     if fully_shard is None:
         raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is "
                            f"{torch.__version__}")

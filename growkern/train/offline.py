@@ -27,6 +27,7 @@ from .loop import build_optimizer, build_scheduler
 from ..growth.apply import grow_tensor
 from ..growth.checks import MOMENT_KEYS
 from ..growth.schedule import SCHEDULES, apply_schedule, mup_lr_ratios
+from ..kernels.backends import resolve_backend
 
 
 def _tensor_index(path: Path, meta: dict, skeleton: dict, params: dict) -> dict:
@@ -58,7 +59,6 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     called once everything is validated, before anything is written (it may raise to
     stop). Returns the growth-history entry written into the new checkpoint (its
     "bytes": the size of the new tensors)."""
-    from ..kernels.backends import resolve_backend
     t0 = time.perf_counter()
     path, meta = C.read_meta(src)
     if meta.get("storage") != "dcp":
