@@ -25,6 +25,7 @@ the same arguments, between optimizer steps (docs/distributed.md).
 from __future__ import annotations
 
 import gc
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from torch.distributed.utils import _verify_param_shape_across_processes
 
-try:  # FSDP2 (torch >= 2.6)
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch
-    FSDPModule = FSDPMeshInfo = HSDPMeshInfo = DTensor = None
+
+def _loaded(module: str, name: str):
+    """torch's `module.name` when that module is loaded, else None. An object can only be
+    an instance of a loaded class, so FSDP2's FSDPModule and DTensor are looked up rather
+    than imported: importing them would add about half a second to `import growkern`."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _is_fsdp(m) -> bool:
+    cls = _loaded("torch.distributed.fsdp", "FSDPModule")
+    return cls is not None and isinstance(m, cls)
+
+
+def _is_dtensor(t) -> bool:
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
 
 
 class SingleProcess:
@@ -98,7 +109,7 @@ class Sharded(SingleProcess):
 
     @property
     def shards(self) -> int:
-        param = next(p for p in self.root.parameters() if isinstance(p, DTensor))
+        param = next(p for p in self.root.parameters() if _is_dtensor(p))
         return dist.get_world_size(param.device_mesh.get_group())
 
     def check(self, model, plan) -> None:
@@ -151,14 +162,14 @@ def reshard(model: nn.Module) -> None:
     sharded parameters again (the optimizer's): an eval forward leaves the root
     gathered until a backward."""
     for m in model.modules():
-        if FSDPModule is not None and isinstance(m, FSDPModule):
+        if _is_fsdp(m):
             m.reshard()
 
 
 def local(t):
     """A plain tensor of a DTensor's full value (a collective: every rank calls it in
     the same order); other tensors as they are."""
-    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def find_ddp(model, wrapped_only: bool = False) -> DDP | None:
@@ -188,7 +199,7 @@ def find_fsdp(model) -> nn.Module | None:
     m = model
     while hasattr(m, "_orig_mod"):
         m = m._orig_mod
-    return m if FSDPModule is not None and isinstance(m, FSDPModule) else None
+    return m if _is_fsdp(m) else None
 
 
 # --- DDP: the Reducer of the old shapes is released and rebuilt --------------------------
@@ -279,7 +290,7 @@ def fsdp_params(model: nn.Module) -> dict:
     every fully_shard-ed module of the model."""
     out = {}
     for m in model.modules():
-        if FSDPModule is not None and isinstance(m, FSDPModule):
+        if _is_fsdp(m):
             group = m._get_fsdp_state()._fsdp_param_group
             for fp in (group.fsdp_params if group is not None else ()):
                 out[id(fp.sharded_param)] = fp
@@ -290,6 +301,8 @@ def check_fsdp_growable(model: nn.Module, plan) -> dict:
     """Refuse, before anything changes, what sharded growth cannot do; returns
     fsdp_params(model). Moves every module to its sharded state (an eval forward
     leaves the root unsharded)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo  # an FSDP2 model: loaded
+
     def no(what):
         raise ValueError(f"widen_ cannot grow this FSDP2 model: {what}; supported: fully_shard on a 1-D "
                          f"mesh, parameters sharded on dim 0, no CPU offload (growkern.train.distributed.shard_model)")
@@ -358,7 +371,7 @@ def install_shard(fp, p: nn.Parameter, new_shape, shard: torch.Tensor, moments: 
 def finish_fsdp_growth(model: nn.Module) -> None:
     """Drop what each FSDP parameter group cached of the old sizes."""
     for m in model.modules():
-        if isinstance(m, FSDPModule):
+        if _is_fsdp(m):
             group = m._get_fsdp_state()._fsdp_param_group
             if group is not None:
                 group._all_gather_result = None
