@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import growkern  # noqa: E402
 from growkern import plan_growth, widen_  # noqa: E402
-from growkern.growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, POSITIONS, Adapter, fused, linear)
+from growkern.growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, POSITIONS,
+                                     Adapter, fused, linear)
 
 V = 61  # odd vocabulary on purpose
 COMMON = dict(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,

@@ -94,6 +94,7 @@ def test_the_growth_library_imports_no_model_harness_or_command_line():
 def test_growkern_hf_is_reachable_after_import_growkern_without_importing_transformers_first():
     code = ("import sys, growkern\n"
             "assert 'transformers' not in sys.modules, 'import growkern imported transformers'\n"
+            "assert 'torch.distributed.fsdp' not in sys.modules, 'import growkern imported FSDP2'\n"
             "print(growkern.hf.GrowthCallback.__name__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

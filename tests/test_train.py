@@ -13,7 +13,8 @@ from growkern import GPTConfig
 from growkern.train import checkpoint as C
 from growkern.train import data as D
 from growkern.train import loop as train_mod
-from growkern.train.loop import (LRSchedule, TrainConfig, build_optimizer, build_scheduler, determinism, evaluate, flops_per_token, init_model, make_batches, train)
+from growkern.train.loop import (LRSchedule, TrainConfig, build_optimizer, build_scheduler, determinism, evaluate,
+                                 flops_per_token, init_model, make_batches, train)
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
 

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as C
 from ..growth.adapter import adapter_for
-from ..models.gpt import GPT
-from ..growth.plan import plan_growth
-from .loop import build_optimizer, build_scheduler
 from ..growth.apply import grow_tensor
 from ..growth.checks import MOMENT_KEYS
+from ..growth.plan import plan_growth
 from ..growth.schedule import SCHEDULES, apply_schedule, mup_lr_ratios
 from ..kernels.backends import resolve_backend
+from ..models.gpt import GPT
+from . import checkpoint as C
+from .loop import build_optimizer, build_scheduler
 
 
 def _tensor_index(path: Path, meta: dict, skeleton: dict, params: dict) -> dict:
