@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 import growkern.train.loop
-from growkern.studies import growth_factor, run_growth_factor, run_warmstart
+from growkern.studies import run_growth_factor, run_warmstart
 from growkern.studies.__main__ import main as studies_main
-from growkern.studies.warmstart import COLUMNS as WS_COLUMNS, PRESERVING
+from growkern.studies.growth_factor import design as gf_design
+from growkern.studies.warmstart.design import COLUMNS as WS_COLUMNS, PRESERVING
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/tinystories"
 pytestmark = pytest.mark.skipif(not (REAL / "train.txt").is_file(),
@@ -181,7 +182,8 @@ def test_warmstart_intervals_take_the_base_seed_as_the_unit():
     the same at both checkpoints of each seed has the CI of its per-seed values, n = seeds."""
     import numpy as np
 
-    from growkern.studies import stats, warmstart_report as wr
+    from growkern.studies import stats
+    from growkern.studies.warmstart import report as wr
 
     cells = [(seed, ckpt) for seed in (0, 1, 2) for ckpt in (10, 20)]
     per_seed = {0: 0.010, 1: 0.013, 2: 0.007}
@@ -201,7 +203,7 @@ def test_rounding_noise_in_step0_preservation_ranks_nothing():
     that must tie them, not rank them. Synthetic cells where the rounding noise happens to
     follow the final loss: pres_kl is reported tied, and the probe finding compares the
     probe's correlation with 0."""
-    from growkern.studies import warmstart_report as wr
+    from growkern.studies.warmstart import report as wr
     from growkern.studies.presets import get_preset
 
     p = get_preset("warmstart", "smoke", regimes=("deterministic",))
@@ -228,7 +230,7 @@ def test_warmstart_curve_plot_shows_every_candidate(tmp_path, monkeypatch):
 
     from matplotlib.colors import to_rgba
 
-    from growkern.studies import warmstart_report
+    from growkern.studies.warmstart import report as warmstart_report
 
     base = [4.0, 3.9, 3.85, 3.8, 3.78]
     shift = {"exact_copy": 0.0, "perturb": 1e-6, "structured": -0.03, "szp": 0.2, "scratch": 3.0}
@@ -272,7 +274,7 @@ def growth(tmp_path_factory):
 def test_growth_factor_outputs(growth):
     out, res = growth
     columns, rows = read_csv(out / "results.csv")
-    assert tuple(columns) == growth_factor.COLUMNS
+    assert tuple(columns) == gf_design.COLUMNS
     assert len(rows) == 3 * 2 * 2  # factors x budgets x seeds
     assert {(r["factor"], r["budget"], r["seed"]) for r in rows} == {
         (g, b, s) for g in ("1.5", "2", "4") for b in ("1", "2") for s in ("0", "1")}
@@ -345,7 +347,7 @@ def test_growth_factor_runs_are_mup_with_the_targets_base_width(growth):
 
 def test_growth_factor_findings_known_answers():
     """The verdicts on synthetic speedups: two seeds that agree closely."""
-    from growkern.studies.growth_factor_report import findings, summarize
+    from growkern.studies.growth_factor.report import findings, summarize
     factors, budgets, seeds = (1.5, 2, 4), (5, 10, 20, 40), (0, 1)
     sp = {1.5: 1.6, 2: 1.5, 4: 0.7}  # pays at 1.5 and 2, not at 4
     rows = [{"factor": g, "budget": r, "seed": s, "param_ratio": g * g, "speedup_exact": True,
@@ -373,11 +375,11 @@ def test_speedup_of_a_run_against_itself_is_one(growth):
     flops = [float(r["flops"]) for r in scratch]
     losses = [float(r["val_loss"]) for r in scratch]
     k = losses.index(min(losses))  # a point of the curve that no earlier point reaches
-    value, exact = growth_factor.speedup_cell(flops, losses, flops[k], losses[k])
+    value, exact = gf_design.speedup_cell(flops, losses, flops[k], losses[k])
     assert exact and value == pytest.approx(1.0, rel=1e-12)
     # a loss scratch never reaches: its whole (2x-truncated) compute is a lower bound
-    value, exact = growth_factor.speedup_cell(flops, losses, flops[-1] / 4, min(losses) - 1)
-    assert not exact and growth_factor.speedup_text(value, exact).startswith(">")
+    value, exact = gf_design.speedup_cell(flops, losses, flops[-1] / 4, min(losses) - 1)
+    assert not exact and gf_design.speedup_text(value, exact).startswith(">")
     assert value <= 2.0
 
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..growth import mup
-from ..growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, LM_HEAD, NORM_BIAS, NORM_GAIN, Adapter, linear,
-                              register_adapter)
+from ..growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, LM_HEAD, NORM_BIAS, NORM_GAIN, Adapter,
+                              linear, register_adapter)
 from ..growth.adapter import POSITIONS as POSITION_EMBEDDING
 
 NORMS = ("layernorm", "rmsnorm")

@@ -4,6 +4,10 @@ writes results.csv, report.md and PNG plots into its output folder:
 - run_warmstart / `growkern study warmstart`: which warm start to continue from;
 - run_growth_factor / `growkern study growth-factor`: which growth factor pays off.
 
+Each study is a package with its design, its run and its report (warmstart/,
+growth_factor/: design.py, run.py, report.py); the helpers both use are flat modules
+here (presets, cache, runs, pool, heldout, metrics, stats, render, progress, result).
+
 Presets (smoke, cpu, paper) are in growkern.studies.presets. For the CLI owner:
 add_study_parser(subparsers) adds `study warmstart|growth-factor` to a subparsers
 object; run_study_cli(args) runs the parsed command.
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from .growth_factor import run_growth_factor
 from .presets import GROWTH_FACTOR, WARMSTART, get_preset
-from .warmstart import StudyResult, run_warmstart
+from .result import StudyResult
+from .warmstart import run_warmstart
 
 __all__ = ["run_warmstart", "run_growth_factor", "StudyResult", "get_preset", "add_study_parser",
            "add_study_commands", "run_study_cli", "STUDIES"]

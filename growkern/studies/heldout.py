@@ -11,7 +11,7 @@ from ..growth.probe import kl_divergence
 from ..growth.wrappers import unwrap
 from ..train import data as data_mod
 from ..train import loop as train_mod
-from .presets import default_data
+from ..train.data import default_data
 
 
 def load_corpus(data, vocab_size: int, cache_dir):

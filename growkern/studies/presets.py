@@ -6,9 +6,7 @@ takes a preset name or object plus keyword overrides of its fields.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 WARMSTART_STRATEGIES = ("exact_copy", "perturb", "perturb_np", "asym_reset", "structured", "szp", "scratch")
 REGIMES = ("deterministic", "stochastic")
@@ -236,19 +234,3 @@ def preset_dict(preset) -> dict:
     d = asdict(preset)
     d.pop("threads", None)
     return d
-
-
-def shared_data_dir() -> Path:
-    """The offline TinyStories sample beside the repository (../shared/data/tinystories)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
-
-
-def default_data(data=None):
-    """--data PATH, else $GROWKERN_DATA, else the shared sample when present, else None
-    (growkern.data.prepare then downloads TinyStories from the hub)."""
-    if data is not None:
-        return data
-    if os.environ.get("GROWKERN_DATA"):
-        return os.environ["GROWKERN_DATA"]
-    shared = shared_data_dir()
-    return shared if (shared / "train.txt").is_file() else None

@@ -148,6 +148,25 @@ def download(url: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def repo_sample() -> Path:
+    """The offline TinyStories sample beside the repository (../shared/data/tinystories)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
+
+
+def default_data(data: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """The data of the commands and studies: ``data`` (--data), then $GROWKERN_DATA,
+    then the sample beside the repository when it holds train.txt and valid.txt;
+    None means the hub (resolve_data_dir downloads TinyStories)."""
+    if data:
+        return data
+    if os.environ.get("GROWKERN_DATA"):
+        return os.environ["GROWKERN_DATA"]
+    sample = repo_sample()
+    if all((sample / name).is_file() for name in LOCAL_FILES):
+        return str(sample)
+    return None
+
+
 def resolve_data_dir(data: str | os.PathLike | None = None) -> Path:
     """Directory holding the train/valid text files.
 

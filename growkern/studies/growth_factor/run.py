@@ -1,125 +1,42 @@
-"""Study 2, `study growth-factor`: which growth factor pays off (docs/studies.md).
-
-For each growth factor g (width ratio; fixed head_dim), budget r (tokens per target
-non-embedding parameter) and seed, a small model of width d_model/g trains on r N_s
-tokens, is grown to the target with the preset's strategy (default szp, the paper's
-operator: muP shrink, zero-pad, muP-init perturbation, fresh optimizer state, schedule
-restarted) and continues for r N tokens. Every model is muP with one base width (the
-target's d_model), so the LR means the same at every width. One scratch run of the
-target per seed, at scratch_factor (2) times the largest grown run's compute, gives the
-reference curve; the speedup of (g, r, seed) reads the compute scratch needs to reach
-the grown run's final val loss off the part of that seed's curve within 2x the grown
-run's own compute. All runs use AdamW (betas 0.9/0.95) and a constant-after-warmup LR,
-so every shorter run is exactly a prefix of a longer one: the small models of all
-budgets are one run per (g, seed) (checkpoints at r N_s tokens), and the scratch run
-of a grown run is the prefix of its seed's long scratch run. Independent runs go to
-worker processes (pool.run_units): the small models first, then the scratch and grown
-runs, longest first."""
+"""Running the growth-factor study: the units (a small model per (g, seed), a grown run
+per (g, r, seed), a scratch run per seed, each a top-level function that reads its
+inputs from disk, so it runs in a worker process, pool.run_units, as well as here) and
+run_growth_factor, which plans them, caches every run under `out`/runs and rewrites the
+report after each budget."""
 from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import replace
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ..train import checkpoint as ckpt_mod
-from . import metrics
-from ..train import loop as train_mod
-from ..models.gpt import GPT, GPTConfig
-from ..growth.plan import plan_growth
-from ..growth.widen import widen_
-from .cache import RunStore, atomic_write_json, check_output, config_key
-from ..train.distributed import resolve_device
-from .heldout import study_data, torch_threads, val_loss
-from .pool import default_workers, run_units
-from .presets import default_data, get_preset, preset_dict
-from .progress import Progress, fmt_seconds
-from .runs import checkpointed_run, existing_checkpoints, fresh_start
-from .warmstart import StudyResult
-
-# What a growth-factor result means; part of every run's cache key (2: muP, seeds, the
-# paper's szp with its restart, d_ff = ff_mult d_model).
-PROTOCOL = 2
-# A constant schedule ignores its horizon; one fixed value keeps all runs' configs, and
-# so their cache keys, independent of their lengths.
-HORIZON = 10**9
-COLUMNS = ("factor", "param_ratio", "budget", "seed", "growth_seed", "strategy", "parameterization",
-           "mup_base_width", "small_d_model", "small_n_head", "small_d_ff", "params_small", "params_target",
-           "small_steps", "grown_steps", "small_tokens", "grown_tokens", "small_flops", "total_flops",
-           "loss_small", "loss_after_growth", "final_loss", "scratch_flops_to_match", "speedup",
-           "speedup_exact", "speedup_text", "seconds", "key")
-
-
-def validate(p) -> None:
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(f"growth-factor preset {p.name!r}: {msg}")
-    need(len(p.factors) >= 1 and all(g > 1 for g in p.factors), f"factors must be > 1, got {p.factors}")
-    need(len(p.budgets) >= 1 and all(r > 0 for r in p.budgets), f"budgets must be > 0, got {p.budgets}")
-    need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds), f"seeds must be distinct, got {p.seeds}")
-    need(p.scratch_factor >= 1, f"scratch_factor must be >= 1, got {p.scratch_factor}")
-    need(p.eval_every >= 1, f"eval_every must be >= 1, got {p.eval_every}")
-    need(p.ff_mult >= 1, f"ff_mult must be >= 1, got {p.ff_mult}")
-    need(p.parameterization in ("sp", "mup"), f"parameterization must be sp or mup, got {p.parameterization!r}")
-    for g in p.factors:
-        heads = p.n_head / g
-        need(abs(heads - round(heads)) < 1e-9 and round(heads) >= 1,
-             f"factor {g:g} gives {heads:g} heads for the small model (n_head {p.n_head} / {g:g}); "
-             f"allowed: factors dividing n_head (fixed head_dim {p.head_dim})")
-
-
-def target_config(p, vocab_size: int) -> GPTConfig:
-    d = p.d_model
-    mup = dict(parameterization="mup", mup_base_width=p.base_width) if p.parameterization == "mup" else {}
-    return GPTConfig(vocab_size=vocab_size, block_size=p.block_size, n_layer=p.n_layer, n_head=p.n_head,
-                     d_model=d, d_ff=p.ff_mult * d, norm="rmsnorm", **mup)
-
-
-def small_config(target: GPTConfig, p, g: float) -> GPTConfig:
-    """Width d_model/g at fixed head_dim: heads n_head/g, d_ff ff_mult d_model/g; under muP
-    the same base width as the target (so its width multiplier is 1/g)."""
-    heads = round(p.n_head / g)
-    d = heads * p.head_dim
-    return target.replace(n_head=heads, n_kv_head=heads, d_model=d, d_ff=p.ff_mult * d)
-
-
-def train_config(p, seed: int) -> train_mod.TrainConfig:
-    return train_mod.TrainConfig(
-        steps=HORIZON, batch_size=p.batch_size, block_size=p.block_size, lr=p.lr, min_lr=p.lr,
-        warmup=p.warmup, schedule="constant", weight_decay=p.weight_decay, betas=(0.9, 0.95),
-        eval_every=0, regime="deterministic", seed=seed, progress=False)
+from ...growth.plan import plan_growth
+from ...growth.widen import widen_
+from ...models.gpt import GPT, GPTConfig
+from ...train import checkpoint as ckpt_mod
+from ...train import loop as train_mod
+from ...train.data import default_data
+from ...train.distributed import resolve_device
+from .. import metrics
+from ..cache import RunStore, atomic_write_json, check_output, config_key
+from ..heldout import study_data, torch_threads, val_loss
+from ..pool import default_workers, run_units
+from ..presets import get_preset, preset_dict
+from ..progress import Progress, fmt_seconds
+from ..result import StudyResult
+from ..runs import checkpointed_run, existing_checkpoints, fresh_start
+from .design import (PROTOCOL, compute_curve, small_config, speedup_cell, speedup_text, steps_for, target_config,
+                     train_config, validate)
+from .report import write_report
 
 
 def _sizes(cfg: GPTConfig, block_size: int) -> tuple[int, float]:
     """(non-embedding parameters, training FLOPs per token) of GPT(cfg)."""
     m = GPT(cfg)
     return m.num_params(non_embedding=True), train_mod.flops_per_token(m, block_size)
-
-
-def steps_for(tokens: float, tokens_per_step: int) -> int:
-    return max(1, round(tokens / tokens_per_step))
-
-
-def compute_curve(curve, start_step: int, start_flops: float, flops_per_step: float):
-    """[step, val_loss] -> [flops, val_loss] for the steps from start_step on."""
-    return [[start_flops + (s - start_step) * flops_per_step, l] for s, l in curve if s >= start_step]
-
-
-def speedup_cell(scratch_flops, scratch_losses, grown_flops: float, grown_loss: float,
-                 scratch_factor: float = 2.0) -> tuple[float, bool]:
-    """speedup(g, r) per docs/studies.md: scratch's curve up to scratch_factor x the grown
-    run's compute, the compute at which it first reaches the grown run's final loss,
-    divided by the grown run's compute; (lower bound, False) when it never does."""
-    limit = scratch_factor * grown_flops * (1 + 1e-12)
-    pts = [(f, l) for f, l in zip(scratch_flops, scratch_losses) if f <= limit]
-    return metrics.speedup([f for f, _ in pts], [l for _, l in pts], grown_flops, grown_loss)
-
-
-def speedup_text(value: float, exact: bool) -> str:
-    return f"{value:.2f}" if exact else f">{value:.2f}"
 
 
 # --- the units: top-level functions that read their inputs from disk, so they run in ---
@@ -215,8 +132,6 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
     plots. `overrides` replace preset fields (e.g. strategy="exact_copy", budgets=(5, 10)).
     `workers`: processes for independent runs (default pool.default_workers: every core
     on a CPU, one on a GPU); results do not depend on it."""
-    from .growth_factor_report import write_report
-
     p = get_preset("growth-factor", preset, **overrides)
     validate(p)
     out = Path(out) if out is not None else Path("results") / f"growth-factor-{p.name}"

@@ -1,5 +1,6 @@
-"""Writing study outputs: CSV rows, Markdown tables, and PNG figures (matplotlib, Agg
-backend). Without matplotlib the figures are skipped and the report says so."""
+"""Writing study outputs, shared by both studies' report.py: CSV rows, Markdown tables,
+and PNG figures (matplotlib, Agg backend, imported lazily). Without matplotlib the
+figures are skipped and the report says so."""
 from __future__ import annotations
 
 import csv

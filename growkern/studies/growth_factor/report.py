@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
-from .growth_factor import COLUMNS
-from .presets import SMOKE_NOTE, fmt_factor as fg
-from .progress import fmt_seconds
-from .report import fmt, md_table, plots_section, pyplot, save_figure, write_csv, write_text
+from .. import stats
+from ..presets import SMOKE_NOTE, fmt_factor as fg
+from ..progress import fmt_seconds
+from ..render import fmt, md_table, plots_section, pyplot, save_figure, write_csv, write_text
+from .design import COLUMNS
 
 PAPER = "When is Warmstarting Effective for Scaling Language Models? (arXiv 2605.13405)"
 SUMMARY_COLUMNS = ("factor", "param_ratio", "budget", "n_seeds", "speedup_mean", "speedup_lo", "speedup_hi",

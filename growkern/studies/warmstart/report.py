@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
-from .presets import SMOKE_NOTE
-from .progress import fmt_seconds
-from .report import fmt, fmt_sig, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
-from .warmstart import COLUMNS, PAPER_FAMILIES, SELECTORS, candidates
+from .. import stats
+from ..presets import SMOKE_NOTE
+from ..progress import fmt_seconds
+from ..render import fmt, fmt_sig, md_table, mean, plots_section, pyplot, save_figure, write_csv, write_text
+from .design import COLUMNS, PAPER_FAMILIES, SELECTORS, candidates
 
 PAPER = "Preservation Is Not Enough for Width Growth (arXiv 2604.04281)"
 LOG_SELECTORS = ("pres_kl", "escape0", "probe_escape")  # >= 0, spanning many decades (0 drawn at 1e-16)

@@ -1,0 +1,249 @@
+"""`growkern grow`: widen a checkpoint with its optimizer and schedule state.
+
+A growkern checkpoint loads, grows with widen_ (step-0 preservation measured on a
+validation batch) and saves with the growth in its history; a distributed (DCP) one
+grows offline, a tensor at a time (growkern.train.offline); a Hugging Face model
+directory or Trainer checkpoint grows through growkern.hf into a new directory of its
+kind. What the growth will cost is announced, and refused when the disk cannot hold it,
+before anything is written. grow_checkpoint is also the demo's growth step.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from ..growth.checks import new_state_bytes
+from ..growth.plan import plan_growth
+from ..growth.strategies import strategies
+from ..growth.widen import widen_
+from ..train import checkpoint as ckpt_mod
+from ..train.distributed import resolve_device
+from ..train.offline import grow_dcp
+from .common import CLIError, _Formatter, corpus_for, val_batches
+
+
+def _probe_batch(corpus, tcfg, device):
+    x, y = val_batches(corpus, tcfg, 1)[0]
+    return x.to(device), y.to(device)
+
+
+def parse_options(items) -> dict:
+    """KEY=VALUE strings -> dict, values read as Python literals where they parse."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def growth_targets(factor=None, d_model=None, d_ff=None, n_head=None) -> dict:
+    """The widen_ targets given, or factor 2 when none is."""
+    targets = {k: v for k, v in dict(factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head).items()
+               if v is not None}
+    return targets or {"factor": 2}
+
+
+def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=None,
+                    strategy="exact_copy", seed=0, schedule="continue", rewarm_steps=None,
+                    options=None, plan=None):
+    """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry.
+    `plan`: the plan_growth of the same targets, when the caller made it already."""
+    targets = growth_targets(factor, d_model, d_ff, n_head)
+    if plan is None:
+        plan = plan_growth(ck.model, strategy=strategy, seed=seed, **targets, **(options or {}))
+    device = next(ck.model.parameters()).device
+    report = widen_(ck.model, ck.optimizer, ck.scheduler, plan=plan,
+                    probe_batch=_probe_batch(corpus, ck.train_config, device),
+                    schedule=schedule, rewarm_steps=rewarm_steps)
+    entry = dataclasses.asdict(report)
+    entry.update(step=ck.step, source=str(ck.path), schedule=schedule, rewarm_steps=rewarm_steps,
+                 seed=seed, targets=targets, options=options or {})
+    return report, entry
+
+
+# what save_pretrained writes as weights, one of them in every Hugging Face model directory
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+def checkpoint_kind(path) -> str:
+    """What `growkern grow` was given, by its files: "growkern" (meta.json in it or in
+    its ckpt/), "hf" (a Hugging Face model directory: config.json and weights) or
+    "trainer" (a Trainer checkpoint: that plus trainer_state.json or optimizer.pt)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p}: it does not exist")
+    if (p / ckpt_mod.META).is_file() or (p / "ckpt" / ckpt_mod.META).is_file():
+        return "growkern"
+    if (p / "config.json").is_file() and any((p / w).is_file() for w in HF_WEIGHTS):
+        return "trainer" if (p / "trainer_state.json").is_file() or (p / "optimizer.pt").is_file() else "hf"
+    names = sorted(f.name for f in p.iterdir()) if p.is_dir() else []
+    found = f"it holds {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}" if names else \
+        ("it is a file" if p.is_file() else "it is empty")
+    raise CLIError(f"{p} is not a growkern checkpoint (no {ckpt_mod.META} in it or in {p / 'ckpt'}), nor a "
+                   f"Hugging Face model directory or Trainer checkpoint (config.json and one of "
+                   f"{', '.join(HF_WEIGHTS)}); {found}")
+
+
+def grow_hf(args, kind: str) -> int:
+    """`growkern grow` of a Hugging Face model directory or Trainer checkpoint into the
+    new directory --out."""
+    what = "a Trainer checkpoint" if kind == "trainer" else "a Hugging Face model directory"
+    if args.schedule == "rewarm":
+        why = ("Trainer builds a fresh LR scheduler when it resumes and would drop the ramp; re-warm with "
+               "growkern.hf.GrowthCallback(schedule='rewarm') in the training run instead"
+               if kind == "trainer" else "a model directory has no LR schedule")
+        raise CLIError(f"--schedule rewarm: {args.ckpt} is {what}, and {why}")
+    if args.data:
+        raise CLIError(f"--data picks the validation probe of growkern checkpoints; {args.ckpt} is {what}")
+    from .. import hf  # imports transformers, an optional dependency
+    report = hf.grow_saved(args.ckpt, args.out, device=resolve_device(args.device), strategy=args.strategy,
+                           seed=args.seed, **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
+                           **parse_options(args.option))
+    print(report)
+    print("  (step-0 preservation measured on random token ids)")
+    print(f"grown {what}: {args.out}")
+    if kind == "trainer":
+        print(f"resume it with a model built from it: AutoModelForCausalLM.from_pretrained({str(args.out)!r}), "
+              f"then trainer.train(resume_from_checkpoint={str(args.out)!r})")
+    return 0
+
+
+# A growth that multiplies the parameters by more than this is announced as a warning.
+LARGE_GROWTH = 16
+
+
+def _check_grow_out(src: Path, out: Path, force: bool) -> None:
+    """OUT/ckpt must not hold a checkpoint (the source's own above all) unless --force."""
+    target = out / "ckpt"
+    if target.resolve() != src.resolve() and target.resolve().is_relative_to(src.resolve()):
+        raise CLIError(f"--out {out} is inside the checkpoint being grown ({src}); give a new --out")
+    if not (target / ckpt_mod.META).is_file() or force:
+        return
+    same = target.resolve() == src.resolve()
+    raise CLIError(f"{target} already holds a checkpoint{' (the one being grown)' if same else ''}; "
+                   f"give a new --out, or --force to replace it")
+
+
+def _announce_growth(model, optimizer, plan, out: Path) -> None:
+    """Say what the growth will cost before doing it, and refuse what the disk cannot hold."""
+    _announce(plan.old.widths(), plan.new.widths(), sum(p.numel() for p in model.parameters()),
+              sum(math.prod(tp.new_shape) for tp in plan.tensors.values()),
+              new_state_bytes(model, optimizer, plan), out)
+
+
+def _announce(old: dict, new: dict, before: int, after: int, size: int, out: Path, how: str = "") -> None:
+    dims = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_model", "d_ff", "n_head"))
+    print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
+          f"checkpoint about {size / 2**30:.2f} GiB{how}")
+    if after > LARGE_GROWTH * before:
+        print(f"growkern grow: warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
+              f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if size > free:
+        raise CLIError(f"the grown checkpoint needs about {size / 2**30:.2f} GiB, {existing} has "
+                       f"{free / 2**30:.2f} GiB free; nothing was written")
+
+
+def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
+    """A distributed (DCP) checkpoint grows offline, one tensor at a time (growkern/train/offline.py)."""
+    def announce(e):
+        _announce(e["dims_before"], e["dims_after"], e["params_before"], e["params_after"], e["bytes"], out,
+                  ", one tensor at a time (distributed checkpoint)")
+
+    try:
+        entry = grow_dcp(src, out / "ckpt", strategy=args.strategy, seed=args.seed, schedule=args.schedule,
+                         rewarm_steps=args.rewarm_steps, options=options, before_write=announce, **targets)
+    except TypeError as e:  # a strategy option of the wrong type
+        raise CLIError(str(e)) from None
+    for note in entry["notes"]:
+        print(f"  note: {note}")
+    print(f"grown checkpoint at step {entry['step']}: {out / 'ckpt'} ({entry['seconds']:.1f} s; check it with "
+          f"`growkern eval {out}`)")
+    return 0
+
+
+def cmd_grow(args) -> int:
+    kind = checkpoint_kind(args.ckpt)
+    if kind != "growkern":
+        return grow_hf(args, kind)
+    out = Path(args.out)
+    src, src_meta = ckpt_mod.read_meta(args.ckpt)
+    _check_grow_out(src, out, args.force)
+    if args.schedule == "rewarm" and not args.rewarm_steps:
+        raise CLIError("--schedule rewarm needs --rewarm-steps N")
+    targets = growth_targets(args.factor, args.d_model, args.d_ff, args.n_head)
+    options = parse_options(args.option)
+    taken = sorted(set(options) & {"factor", "d_model", "d_ff", "n_head", "strategy", "seed"})
+    if taken:
+        raise CLIError(f"--option {taken[0]}=... is a growth argument, not a strategy option; give it as "
+                       f"--{taken[0].replace('_', '-')}")
+    if src_meta.get("storage") == "dcp":
+        return _grow_dcp(args, src, out, targets, options)
+    ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
+    try:
+        plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
+    except TypeError as e:  # a strategy option of the wrong type
+        raise CLIError(str(e)) from None
+    _announce_growth(ck.model, ck.optimizer, plan, out)
+    corpus, _ = corpus_for(ck, args.data)
+    report, entry = grow_checkpoint(ck, corpus, **targets, strategy=args.strategy, seed=args.seed,
+                                    schedule=args.schedule, rewarm_steps=args.rewarm_steps,
+                                    options=options, plan=plan)
+    print(report)
+    p = report.preservation
+    print(f"  probe batch loss (validation): small {p['loss_small']:.4f} -> wide {p['loss_wide']:.4f}")
+    ckpt_mod.save(out / "ckpt", ck.model, ck.optimizer, ck.scheduler, step=ck.step,
+                  train_config=ck.train_config, data_state=ck.data, rng=ck.rng,
+                  tokenizer=ck.tokenizer, tokenizer_file=ck.tokenizer_file,
+                  growth_history=ck.growth_history + [entry], storage=ck.meta.get("storage", "file"))
+    print(f"grown checkpoint at step {ck.step}: {out / 'ckpt'}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------
+
+def add_parsers(sub) -> None:
+    """`growkern grow` on the subparsers of build_parser."""
+    g = sub.add_parser("grow", formatter_class=_Formatter, help="widen a checkpoint with its optimizer "
+                                                                "and schedule state",
+                       description="Load CKPT, grow model, AdamW state and LR schedule with "
+                                   "growkern.widen_, print the GrowthReport with the step-0 "
+                                   "preservation on a validation batch, and save OUT/ckpt with the "
+                                   "report in its growth history.\n"
+                                   "CKPT may also be a Hugging Face model directory (save_pretrained) "
+                                   "or a Trainer checkpoint (checkpoint-N/): OUT is then a new "
+                                   "directory of the same kind, with the grown model (and "
+                                   "optimizer.pt) and the other files copied; resume a grown Trainer "
+                                   "checkpoint with a model built from OUT.")
+    g.add_argument("ckpt", metavar="CKPT", help="growkern checkpoint or run directory, Hugging Face model "
+                                                "directory, or Trainer checkpoint")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory for the grown checkpoint (OUT/ckpt); for a Hugging Face model or "
+                        "Trainer checkpoint, the new directory itself, which must not exist")
+    g.add_argument("--factor", type=float, help="scale d_model, d_ff and heads (default 2)")
+    g.add_argument("--d-model", type=int, help="target d_model (overrides --factor for it)")
+    g.add_argument("--d-ff", type=int, help="target d_ff")
+    g.add_argument("--n-head", type=int, help="target query heads")
+    g.add_argument("--strategy", default="exact_copy", choices=strategies(), help="how new units are made")
+    g.add_argument("--seed", type=int, default=0, help="seed of the growth's noise")
+    g.add_argument("--schedule", default="continue", choices=["continue", "rewarm"],
+                   help="keep the LR schedule, or re-warm it linearly (growkern checkpoints)")
+    g.add_argument("--rewarm-steps", type=int, metavar="N", help="length of the re-warm ramp")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy option, repeatable (e.g. noise=0.05, preserving=False)")
+    g.add_argument("--data", metavar="PATH", help="data for the validation probe (default: the run's)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT/ckpt "
+                                                        "(growkern checkpoints)")
+    g.set_defaults(func=cmd_grow)

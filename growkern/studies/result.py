@@ -1,0 +1,17 @@
+"""What a study call returns (run_warmstart, run_growth_factor): the output folder, the
+rows of results.csv, and how many runs were trained in the call or read from the cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    rows: list
+    computed: int  # runs trained in this call
+    cached: int  # runs read from the cache
+    train_steps: int  # optimizer steps trained in this call (base + continuations)
+    seconds: float
+    files: list = field(default_factory=list)
