@@ -1,6 +1,6 @@
 // Philox4x32-10 and the Box-Muller normal of growkern.philox, for host C++ and CUDA.
 //
-// The specification is growkern/philox.py:
+// The specification is growkern/kernels/philox.py:
 //     key     = (seed, stream)          counter = (row, col, 0, 0)
 //     x0, x1, _, _ = Philox4x32-10(counter, key)
 //     u1 = (x0 + 1) * 2^-32             u2 = x1 * 2^-32

@@ -1,5 +1,5 @@
-// The per-element core of growkern's widen primitive (growkern/ops.py), on raw
-// pointers, shared by the CPU kernel (widen_core.cpp), the CUDA kernel
+// The per-element core of growkern's widen primitive (growkern/kernels/spec.py),
+// on raw pointers, shared by the CPU kernel (widen_core.cpp), the CUDA kernel
 // (widen_cuda.cu) and the CMake unit test. No ATen dependency.
 //
 // For the new tensor's entry (r, c) and one member m of a group:

@@ -1,12 +1,5 @@
-// The multi-group form of the widen op, shared by its CPU and CUDA implementations:
-//   growkern::widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src,
-//       Tensor?[] col_src, Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col,
-//       int[] seeds, Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
-//       float[] sigmas, float[] sigma_fresh, int[] streams, int[] row_offsets=[]) -> Tensor[]
-// Group g has group_sizes[g] members; the per-member lists (srcs, row_scales,
-// col_scales, fresh_values, sigmas, sigma_fresh, streams) hold the members of
-// group 0, then of group 1, ...; the per-group lists hold one entry per group
-// (row_offsets: one per group, or empty for all 0; see widen_op.h).
+// How the runners (widen_ops.h) widen a list of checked groups, shared by the
+// CPU and CUDA implementations.
 //
 // The call becomes a list of jobs (widen_core.h) per dtype. Everything the
 // kernels read besides the old tensors (maps, signs and scales in the compute
@@ -20,20 +13,17 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
-#include <optional>
 #include <utility>
 #include <vector>
 
 #include "widen_core.h"
-#include "widen_op.h"
+#include "widen_ops.h"
 
 namespace growkern {
 
-using OptTensorList = c10::List<std::optional<at::Tensor>>;
-
 // f(tag) with a value of the storage type of dtype t (float, double, f16_t or
-// bf16_t: layout-compatible with the tensor's elements); t is one of
-// widen_dtype_ok's.
+// bf16_t: layout-compatible with the tensor's elements); t is one of the four
+// dtypes check_widen_args accepts.
 static_assert(sizeof(f16_t) == sizeof(at::Half) && sizeof(bf16_t) == sizeof(at::BFloat16), "storage layout");
 
 template <typename F>
@@ -46,105 +36,9 @@ void with_storage_type(at::ScalarType t, F&& f) {
   }
 }
 
-// One group's arguments, as widen_group takes them.
-struct GroupArgs {
-  std::vector<at::Tensor> srcs, row_scales, col_scales;
-  at::Tensor row_src, row_sign;
-  std::optional<at::Tensor> col_src, col_sign, noise_col;
-  std::vector<double> fresh_values, sigmas, sigma_fresh;
-  std::vector<int64_t> streams;
-  int64_t seed = 0;
-  int64_t row_offset = 0;
-  WidenPlan plan;
-};
-
-inline GroupArgs make_group_args(at::TensorList srcs, const at::Tensor& row_src,
-                                 const std::optional<at::Tensor>& col_src, at::TensorList row_scales,
-                                 at::TensorList col_scales, at::ArrayRef<double> fresh_values,
-                                 at::ArrayRef<double> sigmas, at::ArrayRef<double> sigma_fresh,
-                                 const at::Tensor& row_sign, const std::optional<at::Tensor>& col_sign,
-                                 const std::optional<at::Tensor>& noise_col, int64_t seed,
-                                 at::IntArrayRef streams, int64_t row_offset) {
-  GroupArgs a;
-  a.plan = check_widen_args(srcs, row_src, col_src, row_scales, col_scales, fresh_values, sigmas, sigma_fresh,
-                            row_sign, col_sign, noise_col, seed, streams, row_offset);
-  a.srcs = srcs.vec();
-  a.row_scales = row_scales.vec();
-  a.col_scales = col_scales.vec();
-  a.row_src = row_src;
-  a.row_sign = row_sign;
-  a.col_src = col_src;
-  a.col_sign = col_sign;
-  a.noise_col = noise_col;
-  a.fresh_values = fresh_values.vec();
-  a.sigmas = sigmas.vec();
-  a.sigma_fresh = sigma_fresh.vec();
-  a.streams = streams.vec();
-  a.seed = seed;
-  a.row_offset = row_offset;
-  return a;
-}
-
-// Splits and validates widen_groups' flat arguments.
-inline std::vector<GroupArgs> split_groups(at::TensorList srcs, at::IntArrayRef group_sizes,
-                                           at::TensorList row_src, const OptTensorList& col_src,
-                                           at::TensorList row_sign, const OptTensorList& col_sign,
-                                           const OptTensorList& noise_col, at::IntArrayRef seeds,
-                                           at::TensorList row_scales, const OptTensorList& col_scales,
-                                           at::ArrayRef<double> fresh_values, at::ArrayRef<double> sigmas,
-                                           at::ArrayRef<double> sigma_fresh, at::IntArrayRef streams,
-                                           at::IntArrayRef row_offsets) {
-  const size_t G = group_sizes.size();
-  TORCH_CHECK(row_offsets.empty() || row_offsets.size() == G,
-              "widen_groups: row_offsets needs one entry per group (", G, ") or none (all 0), got ",
-              row_offsets.size());
-  TORCH_CHECK(row_src.size() == G && col_src.size() == G && row_sign.size() == G && col_sign.size() == G &&
-                  noise_col.size() == G && seeds.size() == G,
-              "widen_groups: row_src, col_src, row_sign, col_sign, noise_col and seeds need one entry per "
-              "group (", G, "), got ", row_src.size(), ", ", col_src.size(), ", ", row_sign.size(), ", ",
-              col_sign.size(), ", ", noise_col.size(), ", ", seeds.size());
-  int64_t M = 0;
-  for (size_t g = 0; g < G; ++g) {
-    TORCH_CHECK(group_sizes[g] >= 1, "widen_groups: group_sizes[", g, "] = ", group_sizes[g], " (must be >= 1)");
-    M += group_sizes[g];
-  }
-  TORCH_CHECK((int64_t)srcs.size() == M && (int64_t)row_scales.size() == M && (int64_t)col_scales.size() == M &&
-                  (int64_t)fresh_values.size() == M && (int64_t)sigmas.size() == M &&
-                  (int64_t)sigma_fresh.size() == M && (int64_t)streams.size() == M,
-              "widen_groups: srcs, row_scales, col_scales, fresh_values, sigmas, sigma_fresh and streams need "
-              "one entry per member (sum of group_sizes = ", M, "), got ", srcs.size(), ", ", row_scales.size(),
-              ", ", col_scales.size(), ", ", fresh_values.size(), ", ", sigmas.size(), ", ", sigma_fresh.size(),
-              ", ", streams.size());
-  std::vector<GroupArgs> out;
-  int64_t m0 = 0;
-  for (size_t g = 0; g < G; ++g) {
-    const int64_t n = group_sizes[g];
-    const std::optional<at::Tensor> cs = col_src.get(g);
-    std::vector<at::Tensor> csc;
-    for (int64_t i = m0; i < m0 + n; ++i) {
-      const std::optional<at::Tensor> c = col_scales.get(i);
-      TORCH_CHECK(c.has_value() == cs.has_value(), "widen_groups: group ", g, " is ",
-                  cs.has_value() ? "2-D (col_src given) but col_scales[" : "1-D (no col_src) but col_scales[",
-                  i, "] is ", c.has_value() ? "given" : "None");
-      if (c.has_value()) csc.push_back(*c);
-    }
-    try {
-      out.push_back(make_group_args(srcs.slice(m0, n), row_src[g], cs, row_scales.slice(m0, n), csc,
-                                    fresh_values.slice(m0, n), sigmas.slice(m0, n), sigma_fresh.slice(m0, n),
-                                    row_sign[g], col_sign.get(g), noise_col.get(g), seeds[g],
-                                    streams.slice(m0, n), row_offsets.empty() ? 0 : row_offsets[g]));
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "widen_groups: group ", g, ": ", e.what_without_backtrace());
-    }
-    m0 += n;
-  }
-  if (!out.empty()) {
-    const auto dev = out[0].srcs[0].device();
-    for (size_t g = 1; g < G; ++g)
-      TORCH_CHECK(out[g].srcs[0].device() == dev, "widen_groups: all sources must be on one device; group ", g,
-                  " is on ", out[g].srcs[0].device(), ", group 0 on ", dev);
-  }
-  return out;
+// The compute dtype of a storage dtype: float32, float64 for float64 tensors.
+inline at::ScalarType widen_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The bytes a call stages: CPU copies of the small tensors in their compute dtype

@@ -1,7 +1,7 @@
 // Unit test of the libtorch-free core: Philox4x32-10 known-answer vectors
 // (Random123's kat_vectors), 16-bit conversions, and the CPU widen core against
-// a naive double loop of the specification (growkern/ops.py), chunking included,
-// and row slices (row_offset) against the whole tensor.
+// a naive double loop of the specification (growkern/kernels/spec.py), chunking
+// included, and row slices (row_offset) against the whole tensor.
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -70,7 +70,7 @@ static void test_conversions() {
   }
 }
 
-// The specification in double: z as growkern/philox.py computes it.
+// The specification in double: z as growkern/kernels/philox.py computes it.
 // rho = sqrt(-2 ln u1) >= |z| is the Box-Muller radius: the error bound is relative to it.
 static double naive_normal(uint32_t seed, uint32_t stream, uint32_t row, uint32_t col, double* rho = nullptr) {
   const Philox4 p = philox4x32(row, col, 0, 0, seed, stream);
