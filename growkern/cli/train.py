@@ -157,7 +157,11 @@ def cmd_train(args) -> int:
     log and checkpoints (docs/distributed.md)."""
     ctx = dist_mod.init_from_env(args.device or "auto")
     try:
-        return _train(args, ctx)
+        rc = _train(args, ctx)
+        # every rank done before any tears down its connections: a rank whose peer closed
+        # its gloo pairs mid-exit can abort ("terminate called without an active exception")
+        dist_mod.barrier(ctx)
+        return rc
     finally:
         if ctx.distributed:
             dist_mod.shutdown()
