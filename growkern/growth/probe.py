@@ -13,9 +13,12 @@ import torch.nn.functional as F
 @torch.no_grad()
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     """Mean over positions of KL(p || q) in nats, computed in float64."""
-    lp = F.log_softmax(logits_p.double(), -1)
-    lq = F.log_softmax(logits_q.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return float(_kl(F.log_softmax(logits_p.double(), -1), F.log_softmax(logits_q.double(), -1)))
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p || q) from log-probabilities."""
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
 def logits_of(output) -> torch.Tensor:
@@ -82,7 +85,7 @@ def probe_logits(model, probe_batch):
 def preservation(small_logits, wide_logits, y) -> dict:
     lp_s = F.log_softmax(small_logits, -1)
     lp_w = F.log_softmax(wide_logits, -1)
-    kl = kl_divergence(small_logits, wide_logits)
+    kl = _kl(lp_s, lp_w)  # the logits are float64 already (probe_logits)
     loss_s = F.nll_loss(lp_s.flatten(0, 1), y.flatten())
     loss_w = F.nll_loss(lp_w.flatten(0, 1), y.flatten())
     return {"max_abs_dlogits": float((wide_logits - small_logits).abs().max()),

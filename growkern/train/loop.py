@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-
 from tqdm import tqdm
 
 from ..growth import mup

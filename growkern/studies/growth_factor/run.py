@@ -6,7 +6,6 @@ report after each budget."""
 from __future__ import annotations
 
 import math
-import shlex
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from ..heldout import study_data, torch_threads, val_loss
 from ..pool import default_workers, run_units
 from ..presets import get_preset, preset_dict
 from ..progress import Progress, fmt_seconds
-from ..result import StudyResult
+from ..result import StudyResult, default_command
 from ..runs import checkpointed_run, existing_checkpoints, fresh_start
 from .design import (PROTOCOL, compute_curve, small_config, speedup_cell, speedup_text, steps_for, target_config,
                      train_config, validate)
@@ -116,11 +115,6 @@ def train_scratch(p, seed: int, steps: int, root, data, cache_dir, device, token
         curve = done[steps]["curve"]
     return {"seed": seed, "curve": curve, "steps": steps, "train_steps": counter["steps"],
             "seconds": time.perf_counter() - t0}
-
-
-def _command(preset_name, out) -> str:
-    return shlex.join([Path(sys.executable).name, "-m", "growkern.studies", "growth-factor",
-                       "--preset", preset_name, "--out", str(out)])
 
 
 def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", threads=None,
@@ -271,7 +265,7 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             wall = time.perf_counter() - t0
             scratch_seconds = sum(store.get(scratch[sd]["segs"][b]["key"], count=False)["seconds"]
                                   for sd in p.seeds for b in done)
-            meta = {"command": command or _command(p.name, out), "wall_seconds": wall,
+            meta = {"command": command or default_command("growth-factor", p.name, out), "wall_seconds": wall,
                     "computed": store.computed, "cached": store.hits, "device": str(dev), "workers": workers,
                     "threads": n_threads, "data": str(default_data(data) or "downloaded"),
                     "corpus_key": corpus.key, "train_tokens": len(corpus.train), "valid_tokens": len(corpus.valid),

@@ -4,8 +4,6 @@ that reads everything from disk (so it runs in a worker process, pool.run_units)
 run_warmstart, which caches every run under `out`/runs and writes the report."""
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from ..heldout import frozen_copy, heldout_kl, param_snapshot, study_data, torch
 from ..pool import default_workers, run_units
 from ..presets import get_preset, preset_dict
 from ..progress import Progress, fmt_seconds
-from ..result import StudyResult
+from ..result import StudyResult, default_command
 from ..runs import checkpointed_run, fresh_start
 from .design import Candidate, base_configs, candidate_regimes, candidates, continuation_config, validate
 from .report import write_report
@@ -97,11 +95,6 @@ def train_base(p, base_seed: int, base_root, data, cache_dir, device, tokenizer)
         tokens=corpus.train, windows=windows, save_steps=p.checkpoints,
         eval_every=max(1, max(p.checkpoints) // 20), device=dev, tokenizer=tokenizer, counter=counter)
     return {"paths": {step: str(info["path"]) for step, info in ckpts.items()}, "steps": counter["steps"]}
-
-
-def _default_command(preset_name, out) -> str:
-    return shlex.join([Path(sys.executable).name, "-m", "growkern.studies", "warmstart",
-                       "--preset", preset_name, "--out", str(out)])
 
 
 def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads=None,
@@ -189,7 +182,7 @@ def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads
             rows.append({**res, "key": key})
 
         wall = time.perf_counter() - t0
-        meta = {"command": command or _default_command(p.name, out), "wall_seconds": wall,
+        meta = {"command": command or default_command("warmstart", p.name, out), "wall_seconds": wall,
                 "computed": store.computed, "cached": store.hits, "device": str(dev),
                 "threads": threads or p.threads, "data": str(default_data(data) or "downloaded"),
                 "corpus_key": corpus.key,
