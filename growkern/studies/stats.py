@@ -256,6 +256,26 @@ def ratio_ci(num, den, n_boot: int = 10000, level: float = 0.95, seed: int = 0, 
 
 # --- Spearman ------------------------------------------------------------------------
 
+TIE_TOL = 1e-5  # nats: losses closer than this are float noise at these sizes, ranked as ties
+
+
+def snap_ties(a, tol: float = 0.0) -> np.ndarray:
+    """a with every value replaced by the smallest value of its tie chain: sorted values
+    whose consecutive gaps are all <= tol form one chain. tol = 0 returns a unchanged, so
+    rankdata(snap_ties(a, tol)) ranks values within tol of each other as ties."""
+    a = np.asarray(a, dtype=np.float64)
+    if tol <= 0 or a.size < 2:
+        return a
+    if not tol < math.inf:
+        raise ValueError(f"tie tolerance must be finite, got {tol}")
+    order = np.argsort(a, kind="mergesort")
+    s = a[order]
+    start = np.r_[True, np.diff(s) > tol]
+    out = np.empty_like(a)
+    out[order] = s[np.flatnonzero(start)[np.cumsum(start) - 1]]
+    return out
+
+
 def rankdata(a) -> np.ndarray:
     """Ranks 1..n of a 1-d array, ties sharing their average rank."""
     a = np.asarray(a, dtype=np.float64)
@@ -293,10 +313,11 @@ def _pearson_rows(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
     return np.where((vx > 0) & (vy > 0), np.clip(r, -1.0, 1.0), np.nan)
 
 
-def spearman(x, y) -> float:
+def spearman(x, y, tol: float = 0.0) -> float:
     """Spearman rank correlation: the Pearson correlation of the average ranks (ties
-    averaged, as scipy.stats.spearmanr). nan below 2 points or when x or y is constant."""
-    x, y = _as_1d(x, "x"), _as_1d(y, "y")
+    averaged, as scipy.stats.spearmanr; values within `tol` are ties, see snap_ties).
+    nan below 2 points or when x or y is constant."""
+    x, y = snap_ties(_as_1d(x, "x"), tol), snap_ties(_as_1d(y, "y"), tol)
     if x.shape != y.shape:
         raise ValueError(f"spearman needs equal lengths, got {x.size} and {y.size}")
     if x.size < 2:
@@ -305,13 +326,13 @@ def spearman(x, y) -> float:
 
 
 def spearman_ci(x, y, n_boot: int = 10000, level: float = 0.95, seed: int = 0, *, strata=None,
-                method: str = "expanded") -> tuple[float, float, float]:
+                method: str = "expanded", tol: float = 0.0) -> tuple[float, float, float]:
     """(rho, lo, hi): Spearman's rho and its bootstrap CI over units (the pairs
     (x[i], y[i]) are resampled together; within strata if given). Resamples where x or y
     is constant (rho undefined) are dropped. Below 4 units the CI is (nan, nan): a rank
     correlation's bootstrap is degenerate there (at n = 2 every defined resample is +-1)."""
     _check(n_boot, level, method, allow_t=False)
-    x, y = _as_1d(x, "x"), _as_1d(y, "y")
+    x, y = snap_ties(_as_1d(x, "x"), tol), snap_ties(_as_1d(y, "y"), tol)
     rho = spearman(x, y)
     n = x.size
     groups = _strata_index(strata, n)
@@ -339,14 +360,16 @@ class WithinSpearman:
 
 
 def spearman_within(rows: Sequence[dict], group_keys, x: str, y: str, n_boot: int = 10000,
-                    level: float = 0.95, seed: int = 0, *, method: str = "expanded") -> WithinSpearman:
+                    level: float = 0.95, seed: int = 0, *, method: str = "expanded",
+                    tol: float = 0.0) -> WithinSpearman:
     """Spearman between columns x and y of `rows` (dicts, e.g. results.csv rows) computed
     within each cell of `group_keys` (e.g. ("checkpoint", "regime", "seed")), so that what
     differs between cells (a checkpoint's overall loss level) cannot make the correlation;
     summarised as the mean over cells with a bootstrap CI over cells, next to the pooled
     rho over all rows with its bootstrap CI over rows. Rows whose x or y is missing or
-    nan are left out. Cells are resampled as if independent; cells sharing a checkpoint
-    are not, so read the within CI as a lower bound on the uncertainty."""
+    nan are left out. Values within `tol` of each other (within a cell, or pooled) are
+    ties. Cells are resampled as if independent; cells sharing a checkpoint are not, so
+    read the within CI as a lower bound on the uncertainty."""
     keys = (group_keys,) if isinstance(group_keys, str) else tuple(group_keys)
 
     def num(r, c):
@@ -357,11 +380,11 @@ def spearman_within(rows: Sequence[dict], group_keys, x: str, y: str, n_boot: in
     cells: dict = {}
     for r in good:
         cells.setdefault(tuple(r[k] for k in keys), []).append((num(r, x), num(r, y)))
-    rhos = {k: spearman([a for a, _ in v], [b for _, b in v]) for k, v in cells.items()}
+    rhos = {k: spearman([a for a, _ in v], [b for _, b in v], tol) for k, v in cells.items()}
     defined = [v for v in rhos.values() if not math.isnan(v)]
     w, wlo, whi = bootstrap_ci(defined, np.mean, n_boot, level, seed, method=method)
     p, plo, phi = spearman_ci([num(r, x) for r in good], [num(r, y) for r in good], n_boot, level, seed,
-                              method=method)
+                              method=method, tol=tol)
     return WithinSpearman(pooled=p, pooled_lo=plo, pooled_hi=phi, n_rows=len(good), within=w,
                           within_lo=wlo, within_hi=whi, n_cells=len(defined),
                           n_skipped=len(rhos) - len(defined), cells=rhos)
@@ -424,6 +447,11 @@ class Finding:
     level: float = 0.95
     verdict: str = ""  # computed from (estimate, lo, hi, test) when left empty
     detail: str = ""  # a descriptive note shown after n, e.g. "4 of 4 cells < 0"
+    # level -> (estimate, lo, hi): the same interval at another level, for Holm's
+    # adjustment across a report's findings (holm_adjust); None: not adjustable
+    ci_at: Callable | None = field(default=None, repr=False, compare=False)
+    p: float = math.nan  # the smallest 1 - level whose interval excludes the test's threshold
+    holm: str = ""  # the verdict after Holm's adjustment (set by holm_adjust)
 
     def __post_init__(self):
         if not self.verdict:
@@ -435,6 +463,55 @@ class Finding:
         """One markdown list line."""
         ci = (f"[{_fmt(self.lo)}, {_fmt(self.hi)}]" if not (math.isnan(self.lo) or math.isnan(self.hi))
               else "no CI")
-        return (f"- **{self.verdict}**: {self.claim} = {_fmt(self.estimate)}, {self.level:.0%} CI {ci} "
+        adj = f" (Holm: **{self.holm}**, p = {self.p:.2g})" if self.holm else ""
+        return (f"- **{self.verdict}**{adj}: {self.claim} = {_fmt(self.estimate)}, {self.level:.0%} CI {ci} "
                 f"(n = {self.n}{'; ' + self.detail if self.detail else ''}; paper: {self.paper}; "
                 f"tested: {self.test})")
+
+
+# --- many findings at once ----------------------------------------------------------------
+
+def p_value(ci_at: Callable, claim="> 0", floor: float = 1e-6) -> float:
+    """The two-sided p-value implied by a family of intervals: the smallest alpha whose
+    (1 - alpha) interval excludes the claim's threshold (on either side), by bisection
+    on alpha (intervals widen as alpha falls). 1.0 when every interval tried includes it;
+    `floor` when it is excluded already at level 1 - floor."""
+    _, t = parse_claim(claim)
+
+    def excludes(alpha):
+        est, lo, hi = ci_at(1 - alpha)
+        if any(v is None or math.isnan(v) for v in (est, lo, hi)):
+            return False
+        return lo > t or hi < t
+    if excludes(floor):
+        return floor
+    if not excludes(1 - 1e-9):
+        return 1.0
+    lo_a, hi_a = floor, 1 - 1e-9  # excludes(hi_a) and not excludes(lo_a)
+    for _ in range(40):
+        mid = math.sqrt(lo_a * hi_a)
+        lo_a, hi_a = (lo_a, mid) if excludes(mid) else (mid, hi_a)
+        if hi_a / lo_a < 1.01:
+            break
+    return hi_a
+
+
+def holm_adjust(findings: Sequence[Finding], alpha: float = 0.05) -> list[Finding]:
+    """Holm's step-down adjustment across a report's findings (family-wise error alpha):
+    the k-th smallest p-value (k = 0, 1, ...) is tested at alpha / (m - k) and testing
+    stops at the first that fails. A finding that passes gets the verdict of its interval
+    at level 1 - alpha / (m - k), which excludes the threshold; the others "inconclusive".
+    Findings without `ci_at` are left as they are (holm stays ""). Returns the findings."""
+    adjustable = [f for f in findings if f.ci_at is not None]
+    for f in adjustable:
+        f.p = p_value(f.ci_at, f.test)
+    m = len(adjustable)
+    failed = False
+    for k, f in enumerate(sorted(adjustable, key=lambda f: f.p)):
+        a = alpha / (m - k)
+        if failed or f.p > a:
+            failed = True
+            f.holm = "inconclusive"
+        else:
+            f.holm = verdict(*f.ci_at(1 - a), f.test)
+    return list(findings)
