@@ -49,9 +49,9 @@ def warmstart(tmp_path_factory):
     return out, run_warmstart("smoke", out, data=REAL, progress=False, workers=2)
 
 
-# smoke: per (base seed, checkpoint) 7 main candidates x 2 regimes, 4 re-warmed x 2 regimes,
-# perturb and perturb_np at noise 0.1 in the deterministic regime
-SMOKE_ROWS = (7 * 2 + 4 * 2 + 2) * 2 * 2
+# smoke: per (base seed, checkpoint) 4 main candidates and perturb / perturb_np at noise 0.1
+# in 3 regimes, 4 references and 3 re-warmed ones in 2 regimes
+SMOKE_ROWS = (4 * 3 + 2 * 3 + 4 * 2 + 3 * 2) * 2 * 2
 
 
 def test_warmstart_outputs(warmstart):
@@ -65,14 +65,19 @@ def test_warmstart_outputs(warmstart):
     assert {r["schedule"] for r in rows if r["strategy"] in ("szp", "scratch")} == {"restart"}
     assert {r["candidate"] for r in rows if r["group"] == "noise"} == {"perturb@0.1", "perturb_np@0.1"}
     for r in rows:
+        grown = r["candidate"] != "small_equal_compute"  # growth metrics do not apply to it: empty
         for c in ("pres_kl", "pres_dloss", "escape0", "escape_1", "escape_4", "probe_kl", "probe_rms",
                   "probe_update_rms", "probe_escape", "probe_loss", "final_loss", "auc"):
-            assert math.isfinite(float(r[c])), (c, r)
+            if grown or c.startswith(("probe_kl", "probe_rms", "probe_update", "probe_loss", "final", "auc")):
+                assert math.isfinite(float(r[c])), (c, r)
+            else:
+                assert r[c] == "", (c, r)
     report = (out / "report.md").read_text()
     for text in ("preset `smoke`", "base model: d_model 16", "checkpoints at steps 20, 40", "wall time",
-                 "## Findings", "exact copy ranks first", "95% CI", "### deterministic regime",
-                 "### stochastic regime", "## Continue vs re-warm", "## Noise scale of perturb", "## Selectors",
-                 "within, four families", "reduced grids"):
+                 "## Findings", "Exact copy ranks first", "95% CI", "### deterministic regime",
+                 "### shuffle regime", "### stochastic regime", "## Continue vs re-warm", "## Noise scale of perturb",
+                 "## Selectors", "within, four families", "reduced grids", "Holm", "small_equal_compute",
+                 "## Where structured's advantage comes from"):
         assert text in report, text
     assert any(v in report for v in ("**agree**", "**disagree**", "**inconclusive**"))
     if HAVE_MPL:
@@ -88,17 +93,21 @@ def test_warmstart_known_answers(warmstart):
     # not for exact_copy in the deterministic regime; noise and dropout do
     for r in pick(candidate="exact_copy", regime="deterministic"):
         assert float(r["probe_escape"]) < 1e-10 and float(r["escape0"]) == 0
-    for r in pick(candidate="perturb_np"):
+    for r in pick(candidate="perturb_np@0.1"):
         assert float(r["probe_escape"]) > 1e-8 and float(r["escape0"]) > 0
     for r in pick(candidate="exact_copy", regime="stochastic"):
         assert float(r["probe_escape"]) > 1e-6  # dropout breaks it too
+    for r in pick(candidate="exact_copy", regime="shuffle"):
+        assert float(r["probe_escape"]) < 1e-10  # another data order does not
     # more noise, more escape (the sweep)
     for cell in {(r["base_seed"], r["checkpoint"]) for r in rows}:
         one = lambda name: next(r for r in pick(candidate=name, regime="deterministic")  # noqa: E731
                                 if (r["base_seed"], r["checkpoint"]) == cell)
-        assert float(one("perturb_np@0.1")["escape0"]) > float(one("perturb_np")["escape0"])
+        assert float(one("perturb@0.1")["escape0"]) > float(one("perturb")["escape0"])
     # step-0 preservation: exact for the preserving strategies (RMSNorm), not for szp
     for r in rows:
+        if r["candidate"] == "small_equal_compute":
+            continue  # not grown
         kl = float(r["pres_kl"])
         if r["strategy"] in PRESERVING:
             assert abs(kl) < 1e-9 * float(r["loss_small"]), r
@@ -107,7 +116,7 @@ def test_warmstart_known_answers(warmstart):
             assert kl > 1e-4
     # different base seeds are different base models: every candidate differs between them
     for name in {r["candidate"] for r in rows}:
-        for regime in ("deterministic", "stochastic"):
+        for regime in ("deterministic", "shuffle", "stochastic"):
             a, b = (pick(candidate=name, regime=regime, checkpoint="40", base_seed=s) for s in ("0", "1"))
             if a:
                 assert a[0]["loss_small"] != b[0]["loss_small"] and a[0]["final_loss"] != b[0]["final_loss"]
@@ -144,21 +153,23 @@ def test_a_study_never_replaces_another_studys_report_unasked(warmstart, monkeyp
 
 def test_warmstart_interrupted_reruns_only_what_is_missing(warmstart):
     out, res = warmstart
+    import json
     lost = sorted((out / "runs").glob("*.json"))[:2]  # as if the study stopped before them
+    lost_steps = sum(json.loads(f.read_text())["result"]["train_steps"] for f in lost)
     for f in lost:
         f.unlink()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     before = strip(read_csv(out / "results.csv")[1])
     again = run_warmstart("smoke", out, data=REAL, progress=False, workers=1)
     assert (again.computed, again.cached) == (2, SMOKE_ROWS - 2)
-    assert again.train_steps == 2 * 16  # the base checkpoints are reused: continuations only
+    assert again.train_steps == lost_steps  # the base checkpoints are reused: continuations only
     assert strip(read_csv(out / "results.csv")[1]) == before  # bit-identical recomputation
 
 
 def test_seeds_added_later_run_only_their_main_candidates(warmstart, tmp_path):
-    """--seeds 0,1,2 on a finished 2-seed study computes seed 2's main candidates alone
-    (sweep_seed_count keeps the re-warm and noise runs on seeds 0 and 1), reuses the rest, and
-    the findings count 3 seeds."""
+    """--seeds 0,1,2 on a finished 2-seed study computes seed 2's candidates but the re-warmed
+    ones (sweep_seed_count keeps those on seeds 0 and 1), reuses the rest, and the findings
+    count 3 seeds."""
     import shutil
     out, _ = warmstart
     shutil.copytree(out / "runs", tmp_path / "runs")
@@ -168,11 +179,13 @@ def test_seeds_added_later_run_only_their_main_candidates(warmstart, tmp_path):
                          "--seeds", "0,1,2", "--quiet", "--workers", "1"]) == 2  # another preset: --force
     res = run_warmstart("smoke", tmp_path, data=REAL, progress=False, workers=1, force=True,
                         base_seeds=(0, 1, 2), sweep_seed_count=2)
-    assert (res.computed, res.cached) == (7 * 2 * 2, SMOKE_ROWS)
+    assert (res.computed, res.cached) == ((4 * 3 + 2 * 3 + 4 * 2) * 2, SMOKE_ROWS)
     _, rows = read_csv(tmp_path / "results.csv")
-    assert {r["group"] for r in rows if r["base_seed"] == "2"} == {"main"}
-    findings = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("- **")]
-    assert findings and all("(n = 3; " in line for line in findings)
+    assert {r["group"] for r in rows if r["base_seed"] == "2"} == {"main", "noise", "reference"}
+    report = (tmp_path / "report.md").read_text()
+    section = report[report.index("## Findings"):report.index("## Rankings")]
+    findings = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "**" in line]
+    assert findings and all(cols[3] == "3" for cols in findings)  # the n column
     with pytest.raises(ValueError, match=r"sweep_seed_count must be None \(every base seed\) or an int >= 0"):
         run_warmstart("smoke", tmp_path, data=REAL, progress=False, force=True, sweep_seed_count=-1)
 
@@ -218,7 +231,8 @@ def test_rounding_noise_in_step0_preservation_ranks_nothing():
     assert wr.rho_text(table["pres_kl"], cells) == ("tied in every cell", "tied")
     assert wr.rho_text(table["pres_dloss"], cells)[0] == "tied in every cell"
     probe = [f for f in wr.findings(rows, p, cells) if "probe_loss minus pres_kl" in f.claim]
-    assert len(probe) == 1 and probe[0].estimate == pytest.approx(1.0) and probe[0].n == 3
+    assert len(probe) == 3  # checkpoints 10 and 20, and pooled
+    assert all(f.estimate == pytest.approx(1.0) and f.n == 3 for f in probe)
     assert rows[0]["pres_kl"] == 1e-13 * 3.0  # the raw values stay as measured
 
 
@@ -236,13 +250,13 @@ def test_warmstart_curve_plot_shows_every_candidate(tmp_path, monkeypatch):
     shift = {"exact_copy": 0.0, "perturb": 1e-6, "structured": -0.03, "szp": 0.2, "scratch": 3.0}
     p = SimpleNamespace(name="synthetic", strategies=tuple(shift), regimes=("deterministic",), checkpoints=(10, 20),
                         probe_lag=2)
-    rows = [{"regime": "deterministic", "checkpoint": c, "seed": seed, "strategy": s, "loss_small": 4.0,
+    rows = [{"regime": "deterministic", "checkpoint": c, "seed": seed, "candidate": s, "loss_small": 4.0,
              "curve": [[2 * i, y + d + 0.01 * seed] for i, y in enumerate(base)], "final_loss": base[-1] + d,
              "probe_loss": base[1] + d} for c in p.checkpoints for seed in (0, 1) for s, d in shift.items()]
     figs = []
     monkeypatch.setattr(warmstart_report, "SELECTORS", ("probe_loss",))  # a small selectors.png
     monkeypatch.setattr(warmstart_report, "save_figure", lambda plt, fig, path: figs.append(fig) or path)
-    warmstart_report._plots(tmp_path, p, rows)
+    warmstart_report._plots(tmp_path, p, rows, p.strategies)
     fig = figs[0]  # curves_deterministic
     style = lambda ln: (to_rgba(ln.get_color()), ln.get_linestyle(), ln.get_marker())  # noqa: E731
     legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
@@ -271,15 +285,23 @@ def growth(tmp_path_factory):
     return out, run_growth_factor("smoke", out, data=REAL, progress=False, workers=2)
 
 
+# smoke: szp at factors 1.5, 2, 4, and exact_copy and perturb at 2 and 4, x budgets 1, 2 x seeds 0, 1
+GF_SMOKE_ROWS = (3 + 2 * 2) * 2 * 2
+
+
 def test_growth_factor_outputs(growth):
     out, res = growth
-    columns, rows = read_csv(out / "results.csv")
+    columns, all_rows = read_csv(out / "results.csv")
     assert tuple(columns) == gf_design.COLUMNS
-    assert len(rows) == 3 * 2 * 2  # factors x budgets x seeds
+    assert len(all_rows) == GF_SMOKE_ROWS
+    assert {(r["factor"], r["strategy"]) for r in all_rows} == {
+        ("1.5", "szp"), ("2", "szp"), ("4", "szp"), ("2", "exact_copy"), ("4", "exact_copy"), ("2", "perturb"),
+        ("4", "perturb")}
+    rows = [r for r in all_rows if r["strategy"] == "szp"]
     assert {(r["factor"], r["budget"], r["seed"]) for r in rows} == {
         (g, b, s) for g in ("1.5", "2", "4") for b in ("1", "2") for s in ("0", "1")}
-    for r in rows:
-        assert r["strategy"] == "szp" and r["growth_seed"] == "0"
+    for r in all_rows:
+        assert r["growth_seed"] == "0"
         assert r["parameterization"] == "mup" and r["mup_base_width"] == "24"  # one base width: the target's
         assert float(r["param_ratio"]) == pytest.approx(int(r["params_target"]) / int(r["params_small"]))
         assert float(r["speedup"]) > 0
@@ -302,9 +324,10 @@ def test_growth_factor_outputs(growth):
         last = [r for r in scratch if r["seed"] == seed][-1]
         assert float(last["flops"]) >= 2 * total * (1 - 1e-9)  # twice the largest grown run
     columns, summary = read_csv(out / "summary.csv")
-    assert len(summary) == 3 * 2
+    assert len(summary) == (3 + 2 * 2) * 2
     for s in summary:
-        sub = [float(r["speedup"]) for r in rows if (r["factor"], r["budget"]) == (s["factor"], s["budget"])]
+        sub = [float(r["speedup"]) for r in all_rows
+               if (r["strategy"], r["factor"], r["budget"]) == (s["strategy"], s["factor"], s["budget"])]
         assert s["n_seeds"] == "2" and s["ci_method"] == "t"
         assert float(s["speedup_mean"]) == pytest.approx(sum(sub) / 2)
         assert float(s["speedup_lo"]) <= min(sub) and float(s["speedup_hi"]) >= max(sub)
@@ -315,9 +338,11 @@ def test_growth_factor_outputs(growth):
                  "paper: the speedup diminishes as the budget grows",
                  "paper: there is an upper bound on g beyond which growth does not pay"):
         assert text in report, text
-    verdicts = [line for line in report.splitlines() if line.startswith("- **")]
-    assert len(verdicts) == 6 and all(line.split("**")[1] in ("agree", "disagree", "inconclusive")
-                                      for line in verdicts)
+    # the findings: g = 2 over the budgets and per budget (3), slope, upper bound, g = 2 vs 4,
+    # reliability against 1.5 and 4 (2 x 2), szp against exact_copy and perturb at 2 and 4 (4)
+    verdicts = [line for line in report.splitlines()
+                if line.startswith("- **") and line.split("**")[1] in ("agree", "disagree", "inconclusive")]
+    assert len(verdicts) == 14 and all("(Holm: **" in line for line in verdicts)
     assert "partial report" not in report
     if HAVE_MPL:
         for name in ("speedup_vs_g.png", "loss_vs_compute.png"):
@@ -333,10 +358,11 @@ def test_growth_factor_runs_are_mup_with_the_targets_base_width(growth):
     for f in (out / "runs").glob("*.json"):
         cfg = json.loads(f.read_text())["config"]
         kinds.setdefault(cfg["kind"], []).append(cfg)
-    assert len(kinds["gf-grown"]) == 12 and len(kinds["gf-scratch-result"]) == 2 * 2  # seeds x budget segments
+    assert len(kinds["gf-grown"]) == GF_SMOKE_ROWS and len(kinds["gf-scratch-result"]) == 2 * 2  # seeds x segments
     for cfg in kinds["gf-grown"]:
         assert cfg["target"]["parameterization"] == "mup" and cfg["target"]["mup_base_width"] == 24
-        assert cfg["growth_schedule"] is None and cfg["strategy"] == "szp" and cfg["growth_seed"] == 0
+        assert cfg["growth_schedule"] is None and cfg["growth_seed"] == 0
+        assert cfg["strategy"] in ("szp", "exact_copy", "perturb") and cfg["strategy_options"] == {}
     ckpts = list((out / "cache" / "small").glob("*/step-*"))
     assert ckpts
     from growkern.train import checkpoint as ckpt_mod
@@ -393,7 +419,8 @@ def test_growth_factor_rerun_and_resume(growth, monkeypatch):
     assert (out / "results.csv").read_text() == before
     # a lost grown run is recomputed alone, from the kept small-model checkpoint
     _, rows = read_csv(out / "results.csv")
-    row = next(r for r in rows if r["factor"] == "2" and r["budget"] == "2" and r["seed"] == "1")
+    row = next(r for r in rows if r["factor"] == "2" and r["budget"] == "2" and r["seed"] == "1"
+               and r["strategy"] == "szp")
     (out / "runs" / f"{row['key']}.json").unlink()
     res = run_growth_factor("smoke", out, data=REAL, progress=False, workers=1)
     assert res.computed == 1 and res.train_steps == int(row["grown_steps"])
@@ -407,7 +434,7 @@ def test_growth_exact_strategy_preserves_at_non_integer_factors(tmp_path):
     """RMSNorm makes exact_copy growth exact at g = 1.5 too (zero-padded residual), also
     under muP (the output multiplier is compensated)."""
     res = run_growth_factor("smoke", tmp_path, data=REAL, progress=False, strategy="exact_copy",
-                            budgets=(1,), seeds=(0,), workers=1)
+                            budgets=(1,), seeds=(0,), workers=1, compare_strategies=())
     for r in res.rows:
         assert r["loss_after_growth"] == pytest.approx(r["loss_small"], abs=1e-5), r["factor"]
 

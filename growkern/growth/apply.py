@@ -58,11 +58,31 @@ def build_group(tp: TensorPlan, param: torch.Tensor, moments: dict, strategy, se
         sigma, sigma_fresh = tp.noise * unit, tp.noise_fresh * unit
     group.members.append(TensorScales(tp.rows.scale, None if tp.cols is None else tp.cols.scale,
                                       tp.fresh_value, sigma, sigma_fresh, tp.stream))
-    m_rows, m_cols = moment_scales(tp, strategy.moments)
+    if tp.moment_plan is None:
+        _add_moments(group, moment_scales(tp, strategy.moments), moments)
+    return group
+
+
+def build_moment_group(tp: TensorPlan, moments: dict, seed: int) -> WidenGroup | None:
+    """The moments' own group when they follow another plan's maps (tp.moment_plan:
+    structured with moments="mapped"), with that plan's exact moment rule and no noise;
+    None when they are members of the parameter's group (build_group)."""
+    mp = tp.moment_plan
+    if mp is None or not moments:
+        return None
+    zeros = lambda axis: torch.zeros(axis.src.numel(), dtype=torch.float64)  # noqa: E731
+    group = WidenGroup(mp.rows.src, None if mp.cols is None else mp.cols.src, zeros(mp.rows),
+                       None if mp.cols is None else zeros(mp.cols),
+                       None if mp.cols is None else torch.arange(mp.cols.src.numel()), seed)
+    _add_moments(group, mp.moment_scales(), moments)
+    return group
+
+
+def _add_moments(group: WidenGroup, scales, moments: dict) -> None:
+    m_rows, m_cols = scales
     for key in moments:
         power = 2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1
         group.members.append(TensorScales(m_rows ** power, None if m_cols is None else m_cols ** power))
-    return group
 
 
 def moment_scales(tp: TensorPlan, mode: str):
@@ -114,7 +134,8 @@ def grow_tensor(tp: TensorPlan, old: torch.Tensor, role: str | None, strategy, s
     x = old.t() if tp.transposed else old
     group = build_group(tp, x, {} if role is None else {role: x}, strategy, seed)
     if role is not None:
-        group.members = group.members[1:]
+        group = build_moment_group(tp, {role: x}, seed) or group
+        group.members = group.members[-1:]
     out = widen_many([([x], group)])[0][0]
     if role is None:
         if tp.orthogonalize_fresh_rows:
@@ -162,15 +183,27 @@ def grow_state(model, optimizer, plan: GrowthPlan, widen_many, placement) -> int
                 olds = [placement.read(t.detach()) for t in (p, *moms.values())]
                 if tp.transposed:  # the plan reads (out, in); the primitive takes any strides
                     olds = [t.t() for t in olds]
-                group = build_group(tp, olds[0], moms, strategy, plan.seed)
+                groups = [build_group(tp, olds[0], moms, strategy, plan.seed)]
+                moment_group = build_moment_group(tp, moms, plan.seed)
+                if moment_group is not None:  # the moments follow other maps: a group of their own
+                    groups.append(moment_group)
                 rows = placement.rows(tp, p)
                 if rows is not None:  # only the new rows (stored dim 0) this rank holds
-                    group = group.cols(*rows) if tp.transposed else group.rows(*rows)
-                items.append((olds, group))
-                states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moms), rows))
-            results = widen_many(items)
+                    groups = [g.cols(*rows) if tp.transposed else g.rows(*rows) for g in groups]
+                if len(groups) == 1:
+                    items.append((olds, groups[0]))
+                else:  # the parameter alone, then its moments
+                    items += [(olds[:1], groups[0]), (olds[1:], groups[1])]
+                states.append((optimizer.state.get(p, {}) if optimizer is not None else {}, list(moms), rows,
+                               len(groups)))
+            flat = widen_many(items)
             del items  # the old tensors of this batch go once their owners let go below
-            for (name, p), (state, keys, rows), outs in zip(batch, states, results):
+            results, k = [], 0
+            for *_, n_groups in states:  # a parameter's outputs: its group's, then its moments' group's
+                results.append([t for outs in flat[k:k + n_groups] for t in outs])
+                k += n_groups
+            del flat
+            for (name, p), (state, keys, rows, _), outs in zip(batch, states, results):
                 tp = plan.tensors[name]
                 if tp.orthogonalize_fresh_rows:
                     no_room += orthogonalize_fresh_rows(outs[0], tp)

@@ -168,6 +168,9 @@ class TensorPlan:
     orthogonalize_fresh_rows: bool = False
     moment_mask_rows: torch.Tensor | None = None  # extra 0/1 factor on the moment scales
     moment_mask_cols: torch.Tensor | None = None
+    # the plan whose maps and moment rule the optimizer moments follow when they are not
+    # this one's (Strategy.moment_strategy); None: the moments share this plan's maps
+    moment_plan: "TensorPlan | None" = None
 
     @property
     def new_shape(self) -> tuple[int, ...]:

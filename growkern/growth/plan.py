@@ -36,6 +36,12 @@ def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
+    empty = [k for k, v in c.widths().items() if v < 1]
+    if empty:  # e.g. a config of 0 layers or no MLP beside weights that have them: DimMaps need units
+        raise ValueError(f"the model's {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} 0 (widths "
+                         f"{c.widths()}, {c.n_layer} layers): nothing to grow there; growkern grows models "
+                         f"with at least one unit of every width")
+    asked = [name for name, v in (("n_head", n_head), ("d_model", d_model), ("d_ff", d_ff)) if v is not None]
     group = c.n_head // c.n_kv_head
     hd = c.head_dim
     tied = c.head_dim_tied  # d_model = n_head * head_dim; else head_dim is free (Qwen3, Gemma)
@@ -59,10 +65,18 @@ def _target_shape(c: Shape, factor, d_model, d_ff, n_head) -> Shape:
     if d_ff is None:
         d_ff = round(c.d_ff * factor) if factor is not None else c.d_ff
 
-    for name, old, new in (("d_model", c.d_model, d_model), ("d_ff", c.d_ff, d_ff), ("n_head", c.n_head, n_head)):
+    widths = {"d_model": (c.d_model, d_model), "d_ff": (c.d_ff, d_ff), "n_head": (c.n_head, n_head)}
+    # the targets given first, so a refusal names what was asked for (n_head=3 of 4 heads,
+    # not the d_model = 3 x head_dim it implies)
+    for name in asked + [k for k in widths if k not in asked]:
+        old, new = widths[name]
         if new > MAX_WIDTH:
             raise ValueError(f"target {name}={new:.3g} is beyond any model (at most {MAX_WIDTH:,}); "
                              f"allowed: a factor or target that gives a width a device can hold")
+        if new < old and name == "n_head":
+            raise ValueError(f"target n_head={new} is fewer heads than the current {old}; growkern only grows "
+                             f"(allowed: n_head >= {old}, a multiple of the GQA group size {group}"
+                             f"{f', with d_model = n_head x head_dim {hd}' if tied else ''})")
         if new < old:
             raise ValueError(f"target {name}={new} is smaller than the current {old}; "
                              f"growkern only grows (allowed: {name} >= {old})")
@@ -143,6 +157,13 @@ def plan_growth(model, *, factor: float | None = None, d_model: int | None = Non
     for name, spec in layout.items():
         tp = _tensor_plan(plan, name, spec, adapter.init_std_of(new_config, name, spec), adapter.gain_offset)
         plan.tensors[name] = strat.tensor_plan(plan, tp)
+    if strat.moment_strategy is not None:
+        # the moments follow another strategy's plan of the same growth (its maps and
+        # moment rule): structured with moments="mapped" takes exact_copy's
+        twin = plan_growth(model, factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head,
+                           strategy=strat.moment_strategy, seed=seed)
+        for name, tp in plan.tensors.items():
+            tp.moment_plan = twin.tensors[name]
     return plan
 
 

@@ -84,6 +84,9 @@ class Strategy:
     reset_step = False
     rescale_norms = True  # rescale norm gains and eps for zero-padded residual units
     default_schedule = "continue"  # widen_'s schedule when none is given
+    # another strategy whose maps and moment rule the optimizer moments follow instead of
+    # this one's (structured, moments="mapped": exact_copy's); None: this strategy's
+    moment_strategy: str | None = None
 
     def __init__(self):
         pass
@@ -199,9 +202,22 @@ class Structured(Strategy):
     """Non-clone units. New d_ff units and heads: fan-in rows random, orthogonal to the
     span of the old units' fan-in rows and scaled to their RMS; fan-out zero. New
     residual (d_model) units: fan-in zero, fan-out random (they read zero, so the
-    function is kept), norms rescaled. head_dim grows by cloning. New units' moments
-    are zero."""
+    function is kept), norms rescaled. head_dim grows by cloning. moments="zero" (the
+    default): new units' moments are zero, old units' kept; moments="mapped": every
+    moment is what exact_copy maps it to (the clone map and its exact moment rule), so
+    the weights alone differ from exact_copy's (an ablation of where structured's
+    advantage comes from)."""
     name = "structured"
+
+    def __init__(self, moments: str = "zero"):
+        super().__init__()
+        if moments not in ("zero", "mapped"):
+            raise ValueError(f"structured: moments must be 'zero' or 'mapped', got {moments!r}")
+        self.moment_init = moments
+        self.moment_strategy = "exact_copy" if moments == "mapped" else None
+
+    def options(self):
+        return {"moments": self.moment_init}
 
     def dim_map(self, dim, old, new, generator):
         if dim == "head_dim":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .growth_factor import run_growth_factor
 from .presets import GROWTH_FACTOR, WARMSTART, get_preset
-from .result import StudyResult
+from .result import StudyResult, default_out
 from .warmstart import run_warmstart
 
 __all__ = ["run_warmstart", "run_growth_factor", "StudyResult", "get_preset", "add_study_parser",
@@ -42,12 +42,16 @@ def add_study_commands(subparsers) -> None:
                              "paper (one GPU)")
         seeds_help = ("base models" if name == "warmstart" else
                       "small models' and scratch runs' inits and data orders")
+        field = "base_seeds" if name == "warmstart" else "seeds"
+        defaults = "; ".join(f"{n} {','.join(map(str, getattr(pr, field)))}" for n, pr in presets.items())
         sp.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
-                        help=f"seeds of the {seeds_help} (default: the preset's, 0,1); runs of seeds "
-                             f"already in --out are reused, so adding seeds computes only theirs")
+                        help=f"seeds of the {seeds_help} (default: the preset's: {defaults}); runs of "
+                             f"seeds already in --out are reused, so adding seeds computes only theirs")
         sp.add_argument("--out", default=None,
-                        help=f"output folder (default results/{name}-<preset>); rerunning into it "
-                             f"reuses every finished run")
+                        help=f"output folder (default results/{name}-<preset>; for smoke, a pipeline "
+                             f"check, {default_out(name, 'smoke')} outside the repository, under "
+                             f"$GROWKERN_CACHE or ~/.cache/growkern); rerunning into it reuses every "
+                             f"finished run")
         sp.add_argument("--data", default=None,
                         help="directory with train.txt/valid.txt (default: $GROWKERN_DATA, then "
                              "../shared/data/tinystories, then a download)")
@@ -97,7 +101,8 @@ def run_study_cli(args, command: str | None = None) -> int:
         overrides["strategy"] = args.strategy
     if command is None:
         command = shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
-    STUDIES[args.study](args.preset, args.out, args.data, device=args.device, threads=args.threads,
+    out = args.out if args.out is not None else default_out(args.study, args.preset)
+    STUDIES[args.study](args.preset, out, args.data, device=args.device, threads=args.threads,
                         progress=not args.quiet, command=command, force=args.force,
                         workers=args.workers, **overrides)
     return 0

@@ -1,23 +1,28 @@
 """What defines the growth-factor study: the protocol version (part of every run's cache
-key), the target, small and training configs, the preset's validation, the steps of a
-budget, compute curves, the speedup of a grown run over scratch, and results.csv's columns."""
+key), the target, small and training configs, the preset's validation, the strategies
+grown at each factor, the steps of a budget, compute curves, best-so-far envelopes, the
+speedup of a grown run over scratch, the epochs of data a run sees, and results.csv's
+columns."""
 from __future__ import annotations
 
+from ...growth.strategies import strategies as known_strategies
 from ...models.gpt import GPTConfig
 from ...train import loop as train_mod
 from .. import metrics
 
 # What a growth-factor result means; part of every run's cache key (2: muP, seeds, the
-# paper's szp with its restart, d_ff = ff_mult d_model).
-PROTOCOL = 2
+# paper's szp with its restart, d_ff = ff_mult d_model; 3: speedups read off best-so-far
+# envelopes, the operator comparison's runs, epochs of data per run and budget).
+PROTOCOL = 3
 # A constant schedule ignores its horizon; one fixed value keeps all runs' configs, and
 # so their cache keys, independent of their lengths.
 HORIZON = 10**9
 COLUMNS = ("factor", "param_ratio", "budget", "seed", "growth_seed", "strategy", "parameterization",
            "mup_base_width", "small_d_model", "small_n_head", "small_d_ff", "params_small", "params_target",
            "small_steps", "grown_steps", "small_tokens", "grown_tokens", "small_flops", "total_flops",
-           "loss_small", "loss_after_growth", "final_loss", "scratch_flops_to_match", "speedup",
-           "speedup_exact", "speedup_text", "seconds", "key")
+           "loss_small", "loss_after_growth", "final_loss", "best_loss", "scratch_flops_to_match", "speedup",
+           "speedup_exact", "speedup_text", "small_epochs", "grown_epochs", "scratch_epochs", "epochs",
+           "repeats", "seconds", "key")
 
 
 def validate(p) -> None:
@@ -29,8 +34,16 @@ def validate(p) -> None:
     need(len(p.seeds) >= 1 and len(set(p.seeds)) == len(p.seeds), f"seeds must be distinct, got {p.seeds}")
     need(p.scratch_factor >= 1, f"scratch_factor must be >= 1, got {p.scratch_factor}")
     need(p.eval_every >= 1, f"eval_every must be >= 1, got {p.eval_every}")
+    need(p.scratch_every >= 1, f"scratch_eval_every must be >= 1, got {p.scratch_eval_every}")
     need(p.ff_mult >= 1, f"ff_mult must be >= 1, got {p.ff_mult}")
     need(p.parameterization in ("sp", "mup"), f"parameterization must be sp or mup, got {p.parameterization!r}")
+    need(p.max_epochs > 0, f"max_epochs must be > 0, got {p.max_epochs}")
+    allowed = known_strategies()
+    for s in (p.strategy, *p.compare_strategies):
+        need(s in allowed, f"unknown strategy {s!r}; allowed: {', '.join(allowed)}")
+    for g in p.compare_factors:
+        need(any(abs(g - f) < 1e-9 for f in p.factors),
+             f"compare_factors must be among the factors {p.factors}, got {g:g}")
     for g in p.factors:
         heads = p.n_head / g
         need(abs(heads - round(heads)) < 1e-9 and round(heads) >= 1,
@@ -69,14 +82,55 @@ def compute_curve(curve, start_step: int, start_flops: float, flops_per_step: fl
     return [[start_flops + (s - start_step) * flops_per_step, l] for s, l in curve if s >= start_step]
 
 
+def grown_strategies(p, g: float) -> tuple:
+    """The strategies grown at factor g: the preset's, then its comparison strategies there."""
+    return (p.strategy, *p.compared(g))
+
+
+def growth_options(p, strategy: str) -> tuple[dict, str | None]:
+    """(plan options, widen_ schedule) of a strategy: the preset's own for p.strategy; a
+    comparison strategy runs with its defaults (its default schedule included), as its
+    authors use it."""
+    if strategy == p.strategy:
+        return dict(p.strategy_options), p.growth_schedule
+    return {}, None
+
+
+def best_so_far(losses) -> list:
+    """The running minimum of a val-loss curve: the best loss a run has shown by each
+    evaluation. Speedups are read off this envelope rather than the raw curve, whose
+    evaluation noise (it rises between many consecutive evaluations at constant LR) makes
+    "the first point that reaches L" depend on the noise."""
+    out, best = [], float("inf")
+    for loss in losses:
+        best = min(best, loss)
+        out.append(best)
+    return out
+
+
 def speedup_cell(scratch_flops, scratch_losses, grown_flops: float, grown_loss: float,
                  scratch_factor: float = 2.0) -> tuple[float, bool]:
-    """speedup(g, r) per docs/studies.md: scratch's curve up to scratch_factor x the grown
-    run's compute, the compute at which it first reaches the grown run's final loss,
-    divided by the grown run's compute; (lower bound, False) when it never does."""
+    """speedup(g, r) per docs/studies.md: scratch's best-so-far envelope up to scratch_factor
+    x the grown run's compute, the compute at which it first reaches `grown_loss` (the grown
+    run's best loss), divided by the grown run's compute; (lower bound, False) when it
+    never does."""
     limit = scratch_factor * grown_flops * (1 + 1e-12)
-    pts = [(f, l) for f, l in zip(scratch_flops, scratch_losses) if f <= limit]
+    pts = [(f, l) for f, l in zip(scratch_flops, best_so_far(scratch_losses)) if f <= limit]
     return metrics.speedup([f for f, _ in pts], [l for _, l in pts], grown_flops, grown_loss)
+
+
+def scratch_flops_read(scratch_flops, scratch_losses, grown_flops: float, grown_loss: float,
+                       scratch_factor: float = 2.0) -> float:
+    """How far along the scratch curve a speedup reads: to where its envelope reaches the
+    grown run's best loss, or to the end of its window (scratch_factor x the grown run's
+    compute, or the curve's end) for a lower bound."""
+    value, _ = speedup_cell(scratch_flops, scratch_losses, grown_flops, grown_loss, scratch_factor)
+    return value * grown_flops
+
+
+def epochs(tokens: float, train_tokens: int) -> float:
+    """How many times `tokens` of training data go through the training split."""
+    return tokens / train_tokens
 
 
 def speedup_text(value: float, exact: bool) -> str:

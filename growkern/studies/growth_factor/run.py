@@ -25,9 +25,10 @@ from ..heldout import study_data, torch_threads, val_loss
 from ..pool import default_workers, run_units
 from ..presets import get_preset, preset_dict
 from ..progress import Progress, fmt_seconds
-from ..result import StudyResult, default_command
+from ..result import StudyResult, default_command, default_out
 from ..runs import checkpointed_run, existing_checkpoints, fresh_start
-from .design import (PROTOCOL, compute_curve, small_config, speedup_cell, speedup_text, steps_for, target_config,
+from .design import (PROTOCOL, best_so_far, compute_curve, epochs, grown_strategies, growth_options,
+                     scratch_flops_read, small_config, speedup_cell, speedup_text, steps_for, target_config,
                      train_config, validate)
 from .report import write_report
 
@@ -44,12 +45,14 @@ def _sizes(cfg: GPTConfig, block_size: int) -> tuple[int, float]:
 def _logger(label: str | None):
     if not label:
         return None
-    return lambda msg: print(f"[growth-factor] {label}:{msg}", file=sys.stderr, flush=True)
+    # runs.checkpointed_run's messages come with or without leading blanks ("resuming ...",
+    # "  step ..."): one separator here, whatever they bring
+    return lambda msg: print(f"[growth-factor] {label}: {msg.strip()}", file=sys.stderr, flush=True)
 
 
-def _run(p, root, init, save_steps, corpus, windows, device, tokenizer, label, counter):
+def _run(p, root, init, save_steps, corpus, windows, device, tokenizer, label, counter, eval_every=None):
     return checkpointed_run(root, init=init, tokens=corpus.train, windows=windows, save_steps=save_steps,
-                            eval_every=p.eval_every, keep_every=p.keep_every, device=device,
+                            eval_every=eval_every or p.eval_every, keep_every=p.keep_every, device=device,
                             tokenizer=tokenizer, log=_logger(label), counter=counter)
 
 
@@ -68,21 +71,23 @@ def train_small(p, g: float, seed: int, root, save_steps, data, cache_dir, devic
             "steps": counter["steps"], "seconds": time.perf_counter() - t0}
 
 
-def train_grown(p, g: float, r: float, seed: int, small_path, small_curve, small_steps: int, grown_steps: int,
-                root, data, cache_dir, device, tokenizer, label=None) -> dict:
-    """Grow the small model's checkpoint to the target and continue it for grown_steps."""
+def train_grown(p, g: float, r: float, seed: int, strategy: str, small_path, small_curve, small_steps: int,
+                grown_steps: int, root, data, cache_dir, device, tokenizer, label=None) -> dict:
+    """Grow the small model's checkpoint to the target with `strategy` and continue it for
+    grown_steps."""
     t0 = time.perf_counter()
     corpus, windows = study_data(p, data, cache_dir)
     dev = resolve_device(device)
     target = target_config(p, corpus.vocab_size)
+    options, schedule = growth_options(p, strategy)
 
     def init():
         ck = ckpt_mod.load(small_path, device=dev)
         ck.restore_rng()
         model, opt, sched = ck.model, ck.optimizer, ck.scheduler
         plan = plan_growth(model.config, d_model=target.d_model, d_ff=target.d_ff, n_head=target.n_head,
-                           strategy=p.strategy, seed=p.growth_seed, **dict(p.strategy_options))
-        widen_(model, opt, sched, plan=plan, schedule=p.growth_schedule)
+                           strategy=strategy, seed=p.growth_seed, **options)
+        widen_(model, opt, sched, plan=plan, schedule=schedule)
         batches = ck.batches(corpus.train)  # the data stream goes on where the small model stopped
         return model, opt, sched, batches, ck.train_config, ck.step, [[ck.step, val_loss(model, windows)]]
 
@@ -90,7 +95,7 @@ def train_grown(p, g: float, r: float, seed: int, small_path, small_curve, small
     end = small_steps + grown_steps
     root = Path(root)
     done = _run(p, root, init, [end], corpus, windows, dev, tokenizer, label, counter)
-    res = {"factor": g, "budget": r, "seed": seed, "growth_seed": p.growth_seed, "strategy": p.strategy,
+    res = {"factor": g, "budget": r, "seed": seed, "growth_seed": p.growth_seed, "strategy": strategy,
            "small_curve": small_curve,
            "grown_curve": [c for c in done[end]["curve"] if c[0] >= small_steps],
            "train_steps": counter["steps"], "seconds": time.perf_counter() - t0}
@@ -111,7 +116,7 @@ def train_scratch(p, seed: int, steps: int, root, data, cache_dir, device, token
     else:
         target, tcfg = target_config(p, corpus.vocab_size), train_config(p, seed)
         done = _run(p, root, lambda: fresh_start(target, tcfg, corpus.train, windows, dev, seed), [steps],
-                    corpus, windows, dev, tokenizer, label, counter)
+                    corpus, windows, dev, tokenizer, label, counter, eval_every=p.scratch_every)
         curve = done[steps]["curve"]
     return {"seed": seed, "curve": curve, "steps": steps, "train_steps": counter["steps"],
             "seconds": time.perf_counter() - t0}
@@ -120,15 +125,17 @@ def train_scratch(p, seed: int, steps: int, root, data, cache_dir, device, token
 def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", threads=None,
                       progress: bool = True, command: str | None = None, force: bool = False,
                       workers: int | None = None, **overrides) -> StudyResult:
-    """Run (or finish, or re-report) the growth-factor study into `out`: results.csv (one
-    row per (g, r, seed)), summary.csv (per (g, r): mean speedup over seeds and its CI),
-    scratch_curve.csv, report.md (with the verdicts on the paper's findings) and PNG
-    plots. `overrides` replace preset fields (e.g. strategy="exact_copy", budgets=(5, 10)).
-    `workers`: processes for independent runs (default pool.default_workers: every core
-    on a CPU, one on a GPU); results do not depend on it."""
+    """Run (or finish, or re-report) the growth-factor study into `out` (default
+    result.default_out: results/growth-factor-<preset>, the smoke preset's outside the
+    repository): results.csv (one row per (g, r, seed, strategy)), summary.csv (per
+    (strategy, g, r): mean speedup over seeds and its CI), scratch_curve.csv, report.md
+    (with the Holm-adjusted verdicts on the paper's findings) and PNG plots. `overrides`
+    replace preset fields (e.g. strategy="exact_copy", budgets=(5, 10)). `workers`:
+    processes for independent runs (default pool.default_workers: every core on a CPU,
+    one on a GPU); results do not depend on it."""
     p = get_preset("growth-factor", preset, **overrides)
     validate(p)
-    out = Path(out) if out is not None else Path("results") / f"growth-factor-{p.name}"
+    out = Path(out) if out is not None else default_out("growth-factor", p.name)
     check_output(out, "growth-factor", preset_dict(p), force=force)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -151,7 +158,8 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             return {"protocol": PROTOCOL, "train": {k: v for k, v in tcfg.to_dict().items() if k != "progress"},
                     "data": corpus.key, "heldout": heldout, "eval_every": p.eval_every}
 
-        # --- the plan: small runs per (g, seed), grown runs per (g, r, seed), scratch per seed
+        # --- the plan: small runs per (g, seed), grown runs per (g, r, seed, strategy: the
+        # --- preset's everywhere, the comparison strategies at compare_factors), scratch per seed
         smalls, grown = {}, []
         for g in p.factors:
             scfg = small_config(target, p, g)
@@ -163,15 +171,18 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                                      "key": key, "steps": steps, "root": out / "cache" / "small" / key}
                 for r in p.budgets:
                     s_steps, c_steps = steps[r], steps_for(r * n_target, tps)
-                    cfg = {"kind": "gf-grown", "small": key, "small_steps": s_steps, "target": target.to_dict(),
-                           "strategy": p.strategy, "strategy_options": dict(p.strategy_options),
-                           "growth_schedule": p.growth_schedule, "growth_seed": p.growth_seed,
-                           "grown_steps": c_steps, **common(seed)}
                     small_flops = float(s_steps * tps * fpt_small)
                     total = small_flops + float(c_steps * tps * fpt_target)
-                    grown.append({"g": g, "r": r, "seed": seed, "cfg": cfg, "key": config_key(cfg),
-                                  "small_steps": s_steps, "grown_steps": c_steps, "small_flops": small_flops,
-                                  "total_flops": total, "work": total - small_flops})
+                    for strategy in grown_strategies(p, g):
+                        options, schedule = growth_options(p, strategy)
+                        cfg = {"kind": "gf-grown", "small": key, "small_steps": s_steps,
+                               "target": target.to_dict(), "strategy": strategy, "strategy_options": options,
+                               "growth_schedule": schedule, "growth_seed": p.growth_seed,
+                               "grown_steps": c_steps, **common(seed)}
+                        grown.append({"g": g, "r": r, "seed": seed, "strategy": strategy, "cfg": cfg,
+                                      "key": config_key(cfg), "small_steps": s_steps, "grown_steps": c_steps,
+                                      "small_flops": small_flops, "total_flops": total,
+                                      "work": total - small_flops})
         # scratch per seed, extended budget by budget: for budgets up to r it needs
         # scratch_factor x the largest grown run's compute among them (one run; each segment
         # resumes from the previous one's checkpoint)
@@ -181,7 +192,8 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
         scratch_steps = seg_steps[budgets[-1]]
         scratch = {}
         for seed in p.seeds:
-            root_key = config_key({"kind": "gf-scratch", "gpt": target.to_dict(), **common(seed)})
+            root_key = config_key({"kind": "gf-scratch", "gpt": target.to_dict(), **common(seed),
+                                   "eval_every": p.scratch_every})
             scratch[seed] = {"root": out / "cache" / "scratch" / root_key, "segs": {}}
             for r in budgets:
                 cfg = {"kind": "gf-scratch-result", "run": root_key, "steps": seg_steps[r]}
@@ -203,7 +215,9 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                         enabled=progress, work=work)
         prog.log(f"preset {p.name}: target d_model {target.d_model}, {n_target:,} non-embedding parameters, "
                  f"{p.parameterization} (base width {p.base_width}); {len(p.factors)} factors x "
-                 f"{len(p.budgets)} budgets x {len(p.seeds)} seeds, strategy {p.strategy}; "
+                 f"{len(p.budgets)} budgets x {len(p.seeds)} seeds, strategy {p.strategy}"
+                 + "".join(f" (+{', '.join(p.compared(g))} at g={g:g})" for g in p.factors if p.compared(g))
+                 + "; "
                  f"{len(todo)} of {len(grown)} grown runs, {len(small_todo)} small and {len(scratch_todo)} "
                  f"scratch segments (to {scratch_steps} steps) to compute with {workers} worker(s); output {out}")
         counter = {"steps": 0}
@@ -232,9 +246,11 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                 prog.finish(s_what[k], None)
 
         def self_rows(done, scratch_res):
-            """results.csv rows for the budgets done: each grown run against its seed's scratch."""
+            """results.csv rows for the budgets done: each grown run against its seed's scratch,
+            both read as best-so-far envelopes, with the epochs of data each run saw."""
             curves = {seed: compute_curve(scratch_res[seed]["curve"], 0, 0.0, tps * fpt_target)
                       for seed in p.seeds}
+            n_train = len(corpus.train)
             rows = []
             for x in (x for x in grown if x["r"] in done):
                 g, r, seed, res = x["g"], x["r"], x["seed"], results[x["key"]]
@@ -242,13 +258,21 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                 sc = curves[seed]
                 s_flops, s_loss = [f for f, _ in sc], [l for _, l in sc]
                 final = res["grown_curve"][-1][1]
-                value, exact = speedup_cell(s_flops, s_loss, x["total_flops"], final, p.scratch_factor)
-                need = metrics.compute_to_reach(s_flops, s_loss, final)
+                best = min(l for _, l in res["grown_curve"])  # the grown run's envelope at its end
+                value, exact = speedup_cell(s_flops, s_loss, x["total_flops"], best, p.scratch_factor)
+                need = metrics.compute_to_reach(s_flops, best_so_far(s_loss), best)
+                read = scratch_flops_read(s_flops, s_loss, x["total_flops"], best, p.scratch_factor)
+                # the grown model continues its small model's data stream: its lineage sees both
+                small_tokens, grown_tokens = x["small_steps"] * tps, x["grown_steps"] * tps
+                run_epochs = {"small_epochs": epochs(small_tokens, n_train),
+                              "grown_epochs": epochs(small_tokens + grown_tokens, n_train),
+                              "scratch_epochs": epochs(read / fpt_target, n_train)}
+                most = max(run_epochs["grown_epochs"], run_epochs["scratch_epochs"])
                 curve = (compute_curve(res["small_curve"], 0, 0.0, tps * s["fpt"])
                          + compute_curve(res["grown_curve"], x["small_steps"], x["small_flops"], tps * fpt_target))
                 rows.append({
                     "factor": g, "param_ratio": n_target / s["params"], "budget": r, "seed": seed,
-                    "growth_seed": p.growth_seed, "strategy": p.strategy, "parameterization": p.parameterization,
+                    "growth_seed": p.growth_seed, "strategy": x["strategy"], "parameterization": p.parameterization,
                     "mup_base_width": p.base_width if p.parameterization == "mup" else None,
                     "small_d_model": s["cfg"].d_model, "small_n_head": s["cfg"].n_head,
                     "small_d_ff": s["cfg"].d_ff, "params_small": s["params"], "params_target": n_target,
@@ -256,8 +280,9 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                     "small_tokens": x["small_steps"] * tps, "grown_tokens": x["grown_steps"] * tps,
                     "small_flops": x["small_flops"], "total_flops": x["total_flops"],
                     "loss_small": res["small_curve"][-1][1], "loss_after_growth": res["grown_curve"][0][1],
-                    "final_loss": final, "scratch_flops_to_match": need, "speedup": value,
-                    "speedup_exact": exact, "speedup_text": speedup_text(value, exact),
+                    "final_loss": final, "best_loss": best, "scratch_flops_to_match": need, "speedup": value,
+                    "speedup_exact": exact, "speedup_text": speedup_text(value, exact), **run_epochs,
+                    "epochs": most, "repeats": most > p.max_epochs,
                     "seconds": res["seconds"], "key": x["key"], "curve": curve})
             return rows, curves
 
@@ -269,6 +294,7 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                     "computed": store.computed, "cached": store.hits, "device": str(dev), "workers": workers,
                     "threads": n_threads, "data": str(default_data(data) or "downloaded"),
                     "corpus_key": corpus.key, "train_tokens": len(corpus.train), "valid_tokens": len(corpus.valid),
+                    "heldout_tokens": sum(x.numel() for x, _ in windows),
                     "vocab_size": corpus.vocab_size, "params_target": n_target,
                     "flops_per_token_target": fpt_target, "tokens_per_step": tps, "scratch_steps": steps,
                     "scratch_seconds": scratch_seconds,
@@ -300,9 +326,11 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                 k = ("grown", x["key"])
                 s = smalls[(x["g"], x["seed"])]
                 have = existing_checkpoints(s["root"])
-                what[k] = f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} ({x['grown_steps']} steps)"
+                what[k] = (f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} {x['strategy']} "
+                           f"({x['grown_steps']} steps)")
                 unit_work[k], cfgs[k] = x["work"], (x["key"], x["cfg"])
-                units.append((k, (p, x["g"], x["r"], x["seed"], str(s["root"] / f"step-{x['small_steps']}"),
+                units.append((k, (p, x["g"], x["r"], x["seed"], x["strategy"],
+                                  str(s["root"] / f"step-{x['small_steps']}"),
                                   have[x["small_steps"]], x["small_steps"], x["grown_steps"],
                                   out / "cache" / "grown" / x["key"], *args, label(what[k]))))
             units.sort(key=lambda u: -unit_work[u[0]])
@@ -326,15 +354,15 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             for x in (x for x in grown if x["r"] == r):
                 res = store.get(x["key"], count=x["key"] not in computed)
                 if x["key"] not in computed:
-                    prog.finish(f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']}", None,
+                    prog.finish(f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} {x['strategy']}", None,
                                 f"final {res['grown_curve'][-1][1]:.4f}")
                 results[x["key"]] = res
             done = budgets[:i + 1]
+            rows, curves = self_rows(done, scratch_res)
+            files = report(rows, curves, done, seg_steps[r])
             if i + 1 < len(budgets):
                 prog.log(f"budgets {', '.join(f'{b:g}' for b in done)} done: report written "
                          f"(budgets {', '.join(f'{b:g}' for b in budgets[i + 1:])} to come)")
-            rows, curves = self_rows(done, scratch_res)
-            files = report(rows, curves, done, seg_steps[r])
 
     prog.log(f"done in {fmt_seconds(time.perf_counter() - t0)}: {store.computed} computed, "
              f"{store.hits} cached; {out / 'report.md'}")
