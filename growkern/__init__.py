@@ -21,7 +21,7 @@ from .models.gpt import GPT, GPTConfig
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Param", "Shape", "adapter_for", "adapters", "register_adapter", "schedule", "GPT", "GPTConfig",
            "DimMap", "GrowthPlan", "GrowthReport", "Strategy", "backends", "plan_growth", "register_strategy",
-           "strategies", "widen_", "hf"]
+           "strategies", "widen_", "select_warm_start", "hf"]
 
 _LAZY = ("hf", "studies")  # modules with heavy imports (transformers; the studies' harness)
 
@@ -29,4 +29,6 @@ _LAZY = ("hf", "studies")  # modules with heavy imports (transformers; the studi
 def __getattr__(name):  # PEP 562: growkern.hf works after a plain `import growkern`
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name == "select_warm_start":  # the selection imports the studies' statistics
+        return importlib.import_module(".selection", __name__).select_warm_start
     raise AttributeError(f"module 'growkern' has no attribute {name!r}")
