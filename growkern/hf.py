@@ -1,9 +1,15 @@
 """Hugging Face transformers integration.
 
 - GrowthCallback grows the model, the optimizer state and the LR schedule in place
-  during `Trainer.train()`, at the end of one global step; training then goes on.
+  during `Trainer.train()`, at the end of one global step; training then goes on. A
+  run resumed from a checkpoint saved after the growth resumes with the same script:
+  the callback grows the fresh model to the checkpoint's shapes before the Trainer loads
+  it. A growth is recorded in trainer_state.json, by the callback or by `growkern grow`,
+  and the callback never grows a model twice.
 - grow_saved grows a model directory (save_pretrained) or a Trainer checkpoint
-  (`checkpoint-N/`, with optimizer.pt), for `growkern grow`.
+  (`checkpoint-N/`, with optimizer.pt), for `growkern grow`: every file it reads is
+  checked first (a truncated or corrupt one is a ValueError naming it), and the new
+  directory is written whole or not at all.
 
 This module imports transformers; `import growkern` does not import it.
 """
@@ -21,15 +27,20 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .growth import schedule as schedule_mod
+from .growth.adapter import adapter_for
+from .growth.checks import new_state_bytes
 from .growth.plan import plan_growth
 from .growth.strategies import make_strategy
 from .growth.widen import widen_
 from .growth.wrappers import unwrap_scheduler
-from .train.checkpoint import staged_directory
+from .train.checkpoint import _write_torch, staged_directory
 
 logger = logging.get_logger(__name__)
 
 SCHEDULES = ("continue", "rewarm")
+# who grew a model, as trainer_state.json records it (GrowthCallback attributes "grown_by",
+# log_history entries "growth_by")
+GROWN_BY_CALLBACK, GROWN_BY_CLI, GROWN_BY_LOAD = "GrowthCallback", "growkern grow", "loading a grown checkpoint"
 
 
 # --- the callback ---------------------------------------------------------------------
@@ -83,6 +94,19 @@ class GrowthCallback(TrainerCallback, ExportableState):
     holds the grown model already, so it is not grown again. The growth report is
     printed and appended to `state.log_history` (keys growth_*).
 
+    Resuming past the growth needs no other script: Trainer.train(resume_from_checkpoint=)
+    loads the checkpoint's weights into the model it was given before any callback
+    event, so the callback hooks that load (on_init_end) and, when the checkpoint holds
+    the shapes this callback's growth makes, grows the fresh model the same way first;
+    the Trainer then builds the optimizer over it and loads the grown moments. A
+    checkpoint grown otherwise stops with a ValueError saying to build the model from
+    the checkpoint's config.json (AutoModelForCausalLM.from_pretrained(checkpoint)).
+
+    It never grows a model twice: not when the checkpoint records the growth (this
+    callback's, or `growkern grow`'s, which marks every GrowthCallback of the checkpoint
+    as grown), nor a model that already has the explicit target widths; it says so in
+    the log instead.
+
     Single-process and DDP runs (torchrun): under DDP every rank grows its replica the
     same way and widen_ rebuilds the DDP wrapper's reducer for the new parameters. FSDP
     and DeepSpeed Trainer runs are refused: their engines keep shards and buffers sized
@@ -98,16 +122,73 @@ class GrowthCallback(TrainerCallback, ExportableState):
         self.targets = {k: v for k, v in targets.items() if v is not None}
         self.strategy, self.seed, self.schedule, self.rewarm_steps = strategy, seed, schedule, rewarm_steps
         self.strategy_options = dict(strategy_options)
-        self.grown_at: int | None = None  # the global step this callback grew the model at
+        # the global step the growth happened at, and by whom (GROWN_BY_*): this callback,
+        # `growkern grow` (recorded in the checkpoint), or loading a grown checkpoint
+        self.grown_at: int | None = None
+        self.grown_by: str | None = None
         self.report = None  # the GrowthReport, in the process that grew
+        self.skipped_because: str | None = None  # why this run does not grow (the widths are the targets)
+        self._load_hook = None  # on the model from on_init_end to on_train_begin
+        self._grown_on_load = False
+
+    def __repr__(self) -> str:
+        options = {**self.targets, "strategy": self.strategy, **self.strategy_options}
+        return f"GrowthCallback(at_step={self.at_step}, {', '.join(f'{k}={v!r}' for k, v in options.items())})"
 
     def state(self) -> dict:
         # args rebuild the callback (Trainer's restore_callback_states_from_checkpoint)
         return {"args": {"at_step": self.at_step, **self.targets, "strategy": self.strategy, "seed": self.seed,
                          "schedule": self.schedule, "rewarm_steps": self.rewarm_steps, **self.strategy_options},
-                "attributes": {"grown_at": self.grown_at}}
+                "attributes": {"grown_at": self.grown_at, "grown_by": self.grown_by}}
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # the first thing Trainer.train(resume_from_checkpoint=) does is load the checkpoint's
+        # weights into this model, before any other event: the hook sees them first
+        if model is not None and self._load_hook is None:
+            self._load_hook = model.register_load_state_dict_pre_hook(self._grow_before_load)
+
+    def _grow_before_load(self, model, state_dict, prefix, *_):
+        """A checkpoint saved after this callback's growth loads into the fresh model given
+        to the Trainer once the model is grown the same way (without optimizer: the
+        Trainer builds it afterwards, over the grown parameters, and loads the grown
+        moments). Anything else that does not fit is a ValueError saying what to do."""
+        if prefix:  # the root module's load only: state_dict holds every parameter
+            return
+        params = dict(model.named_parameters())
+        saved = {n: tuple(t.shape) for n, t in state_dict.items() if n in params and torch.is_tensor(t)}
+        differ = [n for n, shape in saved.items() if shape != tuple(params[n].shape)]
+        if not differ:
+            return
+        grown = None
+        if self.grown_at is None:
+            try:
+                plan = plan_growth(model, **self.targets, strategy=self.strategy, seed=self.seed,
+                                   **self.strategy_options)
+            except (TypeError, ValueError):
+                plan = None
+            if plan is not None:
+                grown = {n: tuple(tp.stored(tp.new_shape)) for n, tp in plan.tensors.items()}
+                if all(grown.get(n) == shape for n, shape in saved.items()):
+                    before = plan.old.widths()
+                    widen_(model, plan=plan)
+                    self._grown_on_load = True
+                    logger.warning(f"{self!r}: the checkpoint being loaded holds the grown model "
+                                   f"({_dims(before, plan.new.widths())}); grew the model given to the "
+                                   f"Trainer the same way before loading it")
+                    return
+        name = differ[0]
+        raise ValueError(
+            f"{self!r}: the checkpoint being loaded does not fit this {type(model).__name__}: {name} is "
+            f"{list(saved[name])} in the checkpoint, {list(params[name].shape)} in the model"
+            + (f" (and {list(grown[name])} after this callback's growth)" if grown and name in grown else "")
+            + ". Build the model from the checkpoint you resume, whose config.json has its widths: "
+              "model = AutoModelForCausalLM.from_pretrained(checkpoint), then "
+              "Trainer(model=model, ...).train(resume_from_checkpoint=checkpoint)")
 
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        if self._load_hook is not None:  # the checkpoint is loaded: later loads are none of its business
+            self._load_hook.remove()
+            self._load_hook = None
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise ValueError("GrowthCallback supports single-process and DDP training, not FSDP or DeepSpeed "
                              "Trainer runs: their engines keep shards and buffers sized for the old parameters "
@@ -122,11 +203,24 @@ class GrowthCallback(TrainerCallback, ExportableState):
             schedule_mod.reattach(unwrap_scheduler(lr_scheduler))
         if self.grown_at is not None:
             return
-        if state.global_step >= self.at_step:
-            self._resumed_past(state, name)
+        record = self._recorded_growth(state, name)
+        if record is not None:
+            self.grown_at, self.grown_by = record
+            say = logger.info if self.grown_by == GROWN_BY_CALLBACK else logger.warning
+            say(f"{self!r}: the checkpoint records the growth ({self.grown_by} at step {self.grown_at}); "
+                f"not growing again")
+        elif self._grown_on_load:
+            self.grown_at, self.grown_by = state.global_step, GROWN_BY_LOAD
+        elif state.global_step >= self.at_step:
+            logger.warning(f"{self!r}: resuming at step {state.global_step} from a checkpoint with no record "
+                           f"of this growth; not growing")
         elif not isinstance(state.stateful_callbacks[name], list):
             # not with several GrowthCallbacks: an earlier one changes the model this one sees
-            self._check_plan(model)
+            self.skipped_because = self._at_targets(model)
+            if self.skipped_because:
+                logger.warning(f"{self!r}: {self.skipped_because}; not growing")
+            else:
+                self._check_plan(model)
 
     def _check_plan(self, model):
         """Plan the growth now, so that targets this model cannot take fail before training does."""
@@ -136,21 +230,37 @@ class GrowthCallback(TrainerCallback, ExportableState):
             raise type(e)(f"GrowthCallback(at_step={self.at_step}) cannot grow this {type(model).__name__}: "
                           f"{e}") from None
 
-    def _resumed_past(self, state, name):
-        """Resumed at or past at_step: the checkpoint was saved after the growth (or the
-        run never grew), and on_step_end will not see at_step again."""
+    def _recorded_growth(self, state, name) -> tuple[int, str] | None:
+        """(step, who) of the growth the resumed checkpoint records for this callback: its
+        own entry in stateful_callbacks (grown by it, or marked by `growkern grow`), or a
+        growth of `growkern grow` in log_history (a checkpoint saved without this callback)."""
         saved = state.stateful_callbacks.get(name)
         for entry in saved if isinstance(saved, list) else [saved]:
             if isinstance(entry, dict) and entry.get("args", {}).get("at_step") == self.at_step:
-                self.grown_at = entry.get("attributes", {}).get("grown_at")
-                if self.grown_at is not None:
-                    return
-        logger.warning(f"GrowthCallback(at_step={self.at_step}): resuming at step {state.global_step} from a "
-                       f"checkpoint with no record of this growth; not growing (expected for a checkpoint "
-                       f"grown with `growkern grow`)")
+                attributes = entry.get("attributes") or {}
+                if attributes.get("grown_at") is not None:
+                    return attributes["grown_at"], attributes.get("grown_by") or GROWN_BY_CALLBACK
+        for record in reversed(state.log_history or []):
+            if isinstance(record, dict) and record.get("growth_by") == GROWN_BY_CLI:
+                return record.get("step", state.global_step), GROWN_BY_CLI
+        return None
+
+    def _at_targets(self, model) -> str | None:
+        """Why the model needs no growth, when it has every width given as a target
+        already (a factor always grows: no width is its target)."""
+        if "factor" in self.targets or model is None:
+            return None
+        try:
+            adapter = adapter_for(model)
+            widths = adapter.shape(model).widths()
+        except (TypeError, ValueError):
+            return None  # _check_plan says what is wrong with this model
+        if all(widths[k] == v for k, v in self.targets.items()):
+            return f"the model has the target widths already ({', '.join(f'{k} {v}' for k, v in self.targets.items())})"
+        return None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if self.grown_at is not None or state.global_step != self.at_step:
+        if self.grown_at is not None or self.skipped_because or state.global_step != self.at_step:
             return
         # model, optimizer and lr_scheduler are the objects Trainer steps: the model
         # unwrapped, accelerate's AcceleratedOptimizer around the torch optimizer, and
@@ -158,35 +268,122 @@ class GrowthCallback(TrainerCallback, ExportableState):
         self.report = widen_(model, optimizer, lr_scheduler, **self.targets, strategy=self.strategy,
                              seed=self.seed, schedule=self.schedule, rewarm_steps=self.rewarm_steps,
                              **self.strategy_options)
-        self.grown_at = state.global_step
-        state.log_history.append(_log_entry(self.report, state))
+        self.grown_at, self.grown_by = state.global_step, GROWN_BY_CALLBACK
+        state.log_history.append(_log_entry(self.report, state.epoch, state.global_step))
         print(f"step {state.global_step}: {self.report}")
 
 
-def _log_entry(report, state) -> dict:
+def _dims(before: dict, after: dict) -> str:
+    return ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before if before[k] != after[k])
+
+
+def _log_entry(report, epoch, step) -> dict:
     """The report as a Trainer log record (the keys Trainer.log adds: epoch, step)."""
     entry = {"growth_strategy": report.strategy, "growth_seconds": report.seconds,
              "growth_params_before": report.params_before, "growth_params_after": report.params_after}
     for k in report.dims_before:
         entry[f"growth_{k}_before"] = report.dims_before[k]
         entry[f"growth_{k}_after"] = report.dims_after[k]
-    return {**entry, "epoch": state.epoch, "step": state.global_step}
+    return {**entry, "epoch": epoch, "step": step}
 
 
 # --- saved models and Trainer checkpoints -----------------------------------------------
 
 # the weight files of save_pretrained: save_pretrained writes the grown ones, the old never go along
 WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
-OPTIMIZER, TRAINER_STATE = "optimizer.pt", "trainer_state.json"
+OPTIMIZER, SCHEDULER, TRAINER_STATE = "optimizer.pt", "scheduler.pt", "trainer_state.json"
 
 
 def load_weights_only(path: Path, map_location="cpu"):
-    """torch.load that refuses files which need pickle (they can run any code)."""
+    """torch.load that refuses files which need pickle (they can run any code); a
+    truncated or corrupt file is a ValueError naming it."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} does not load with torch.load(weights_only=True), and growkern loads "
-                         f"nothing else (a pickle can run arbitrary code): {e}") from None
+    except Exception as e:  # torch.load raises what its zip reader and unpickler raise
+        unsafe = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
+        if unsafe:
+            raise ValueError(f"{path} does not load with torch.load(weights_only=True), and growkern loads "
+                             f"nothing else (a pickle can run arbitrary code): {unsafe}") from None
+        raise ValueError(f"{path} cannot be read (truncated or corrupt?): {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _read_json(path: Path, what: str = "an object") -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not {what}")
+    return data
+
+
+def check_readable(src: Path) -> None:
+    """Every file of model directory or Trainer checkpoint `src` that growkern reads or
+    rewrites parses: config.json, the weights (safetensors headers cover their files;
+    shard indexes name shards that exist), optimizer.pt and scheduler.pt (torch.load,
+    weights only), trainer_state.json. ValueError naming the first that does not,
+    before anything is loaded or written. (A .bin weight file is read by the loader,
+    weights only, and named by load_model when it fails.)"""
+    _read_json(src / "config.json", "a model config")
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or not WEIGHTS.fullmatch(f.name):
+            continue
+        if f.name.endswith(".index.json"):
+            shards = _read_json(f, "a shard index").get("weight_map")
+            if not isinstance(shards, dict):
+                raise ValueError(f"{f} has no weight_map (a shard index maps parameter names to files)")
+            missing = sorted({str(x) for x in shards.values()} - {p.name for p in src.iterdir()})
+            if missing:
+                raise ValueError(f"{f} names shard(s) {', '.join(missing)}, which {src} does not have")
+        elif f.suffix == ".safetensors":
+            from safetensors import safe_open  # a dependency of growkern and of transformers
+            try:
+                with safe_open(str(f), "pt") as handle:
+                    handle.keys()
+            except Exception as e:  # SafetensorError: header length, JSON, data not covering the file
+                raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): "
+                                 f"{_first_line(e)}") from None
+    for name in (OPTIMIZER, SCHEDULER):
+        if (src / name).is_file() and not isinstance(load_weights_only(src / name), dict):
+            raise ValueError(f"{src / name} holds no state_dict (a dict)")
+    if (src / TRAINER_STATE).is_file():
+        state = _read_json(src / TRAINER_STATE, "a TrainerState")
+        if not isinstance(state.get("log_history", []), list) or \
+                not isinstance(state.get("stateful_callbacks") or {}, dict):
+            raise ValueError(f"{src / TRAINER_STATE} is not a TrainerState: log_history must be a list and "
+                             f"stateful_callbacks an object")
+
+
+def load_model(src: Path, device="cpu"):
+    """AutoModelForCausalLM.from_pretrained(src) on `device`, its failures (a file that
+    does not read, weights that do not fit the config or do not cover the model, a
+    dtype it cannot train) a ValueError naming the directory."""
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # the loaders raise OSError, SafetensorError, RuntimeError, KeyError, ...
+        raise ValueError(f"{src}: transformers cannot load the model: {type(e).__name__}: {_first_line(e)}") \
+            from None
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:  # from_pretrained initializes them at random and goes on
+        raise ValueError(f"{src}: the weight files lack {len(missing)} of the model's parameters "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); growkern grows "
+                         f"trained weights, not freshly initialized ones (weights of another model, or damaged?)")
+    if unexpected:  # from_pretrained drops them: config.json describes another model than the weights
+        raise ValueError(f"{src}: the weight files hold {len(unexpected)} tensors the model built from config.json "
+                         f"does not have ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); "
+                         f"config.json and the weights describe different models")
+    bad = sorted({str(p.dtype) for p in model.parameters() if not p.is_floating_point()})
+    if bad:
+        raise ValueError(f"{src}: the model's weights load as {', '.join(bad)}; growkern grows floating-point "
+                         f"weights (the files hold the wrong dtype?)")
+    return model.to(device)
 
 
 def trainer_param_groups(model) -> list[list[list]]:
@@ -253,24 +450,64 @@ def probe_tokens(model, seed: int, batch: int = 2, length: int = 8) -> torch.Ten
     return ids.to(next(model.parameters()).device)
 
 
-def grow_saved(path, out, *, device="cpu", **widen_kwargs):
+def record_growth(trainer_state: dict, report) -> dict:
+    """trainer_state.json of a checkpoint grown by `growkern grow`: the growth in its
+    log_history (as GrowthCallback logs one, with growth_by "growkern grow"), and every
+    GrowthCallback entry that has not grown marked as grown at this step, so that
+    resuming with the callback still in the script does not grow the model again."""
+    state = json.loads(json.dumps(trainer_state))  # a copy
+    step = state.get("global_step") or 0
+    state.setdefault("log_history", []).append(
+        {**_log_entry(report, state.get("epoch"), step), "growth_by": GROWN_BY_CLI})
+    entries = (state.get("stateful_callbacks") or {}).get(GrowthCallback.__name__)
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if isinstance(entry, dict):
+            attributes = entry.setdefault("attributes", {})
+            if isinstance(attributes, dict) and attributes.get("grown_at") is None:
+                attributes.update(grown_at=step, grown_by=GROWN_BY_CLI)
+    return state
+
+
+# widen_'s own keywords; the rest of grow_saved's keywords are plan_growth's
+WIDEN_KEYWORDS = ("schedule", "rewarm_steps", "backend")
+
+
+def grow_saved(path, out, *, device="cpu", before_write=None, **widen_kwargs):
     """Grow the model directory or Trainer checkpoint `path` into the new directory
     `out`: the grown model (save_pretrained, safetensors) and, where `path` has one,
-    the grown optimizer.pt; every other file copied unchanged (so a Trainer
-    checkpoint keeps its LR schedule, scheduler.pt). Returns the GrowthReport, with the
-    step-0 preservation measured on random tokens (probe_tokens)."""
+    the grown optimizer.pt; trainer_state.json with the growth recorded (record_growth);
+    every other file copied unchanged (so a Trainer checkpoint keeps its LR schedule,
+    scheduler.pt). Every file read is checked first (check_readable, load_model).
+    `before_write(entry)` is called once the growth is planned, before the model
+    changes or anything is written (it may raise to stop; `growkern grow` announces the
+    growth and checks the disk): entry has dims_before, dims_after, params_before,
+    params_after and bytes, about what `out` will hold. `out` is written whole or not at
+    all; a full disk is a one-line WriteError. Returns the GrowthReport, with the step-0
+    preservation measured on random tokens (probe_tokens)."""
     src, out = Path(path), Path(out)
     check_out(src, out)
     has_optimizer = (src / OPTIMIZER).is_file()
     rest = _other_files(src, trainer_checkpoint=has_optimizer or (src / TRAINER_STATE).is_file())
-    model = AutoModelForCausalLM.from_pretrained(src).to(device)
+    check_readable(src)
+    trainer_state = _read_json(src / TRAINER_STATE) if (src / TRAINER_STATE).is_file() else None
+    model = load_model(src, device)
     optimizer = load_trainer_optimizer(src, model, device) if has_optimizer else None
-    report = widen_(model, optimizer, probe_batch=probe_tokens(model, widen_kwargs.get("seed", 0)), **widen_kwargs)
+    widen_only = {k: widen_kwargs.pop(k) for k in WIDEN_KEYWORDS if k in widen_kwargs}
+    plan = plan_growth(model, **widen_kwargs)
+    if before_write is not None:
+        before_write({"dims_before": plan.old.widths(), "dims_after": plan.new.widths(),
+                      "params_before": sum(p.numel() for p in model.parameters()),
+                      "params_after": sum(math.prod(tp.new_shape) for tp in plan.tensors.values()),
+                      "bytes": new_state_bytes(model, optimizer, plan) + sum(f.stat().st_size for f in rest)})
+    report = widen_(model, optimizer, plan=plan, probe_batch=probe_tokens(model, plan.seed), **widen_only)
     with staged_directory(out) as tmp:  # out is complete or absent, never half-written
         model.save_pretrained(tmp)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
         for f in rest:
-            if not (tmp / f.name).exists():  # save_pretrained wrote the grown config.json
+            if f.name == TRAINER_STATE and trainer_state is not None:
+                text = json.dumps(record_growth(trainer_state, report), indent=2, sort_keys=True) + "\n"
+                (tmp / TRAINER_STATE).write_text(text, encoding="utf-8")  # as TrainerState.save_to_json
+            elif not (tmp / f.name).exists():  # save_pretrained wrote the grown config.json
                 shutil.copy2(f, tmp / f.name)
     return report

@@ -1,9 +1,13 @@
 """Command line, run in-process: train -> grow -> continue -> eval -> sample, demo, errors."""
+import errno
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from growkern.train import checkpoint as C
@@ -110,7 +114,7 @@ def test_grow_refuses_what_would_lose_or_waste_work(tmp_path, capsys, monkeypatc
     import growkern.growth.checks
     with monkeypatch.context() as m:
         m.setattr(growkern.growth.checks, "free_bytes", lambda dev: 1000)
-        refused(src, "--out", out, words="GiB are free; nothing was changed")
+        refused(src, "--out", out, words="MiB of new state on cpu, 1000 B are free; nothing was changed")
     assert not out.exists()
 
     rc, stdout, err = run(capsys, "grow", src, "--factor", 5, "--out", out)
@@ -180,3 +184,202 @@ def test_broken_extension_does_not_break_the_core(monkeypatch, capsys):
         cli.main(["--help"])
     out = capsys.readouterr()
     assert e.value.code == 0 and "demo" in out.out and "could not load json.no_such_function" in out.err
+
+
+# --- full disks, damaged checkpoints, Ctrl-C: one line, nothing half-written ------------
+
+def tree(path) -> dict:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*")) if f.is_file()}
+
+
+def staging_leftovers(path) -> list:
+    return sorted(str(p) for p in Path(path).rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def one_error_line(err, command):
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith(f"growkern {command}: error: "), err
+    assert "Traceback" not in err
+
+
+def disk_full(kind):
+    """A writer that fails as a full disk makes it fail: an OSError naming the file, or
+    torch.save's RuntimeError raised while the file's OSError is handled."""
+    if kind == "OSError":
+        def fail(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    else:
+        def fail(path):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return fail
+
+
+@needs_real
+@pytest.mark.parametrize("writer_error", ["OSError", "torch's RuntimeError"])
+def test_full_disk_is_one_line_and_keeps_what_was_there(writer_error, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "run"
+    assert run(capsys, "train", "--data", REAL, "--steps", 4, "--stop-at", 2, "--out", src, *FAST)[0] == 0
+    before = tree(src / "ckpt")
+    real, fail = C._write_torch, disk_full(writer_error)
+
+    def full(path, obj):
+        if path.name != "optimizer.pt":
+            return real(path, obj)
+        path.write_bytes(b"\0" * 10)  # what got down before the disk filled
+        fail(path)
+
+    monkeypatch.setattr(C, "_write_torch", full)
+    for argv in (["train", "--resume", src], ["grow", src, "--out", tmp_path / "wide"],
+                 ["train", "--data", REAL, "--steps", 2, "--out", tmp_path / "new", *FAST]):
+        rc, _, err = run(capsys, *argv)
+        one_error_line(err, argv[0])
+        assert rc == 2 and "cannot write" in err and "no space left on device" in err and "nothing was written" in err
+        if writer_error == "OSError":
+            assert "ckpt (optimizer.pt): " in err
+    assert tree(src / "ckpt") == before  # the previous checkpoint, as it was
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "new" / "ckpt").exists()
+    assert staging_leftovers(tmp_path) == []
+
+
+@needs_real
+def test_train_checks_the_free_space_before_training(tmp_path, capsys, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=5 * 2**20 + 1000))
+    new = tmp_path / "new"
+    rc, out, err = run(capsys, "train", "--data", REAL, "--steps", 2, "--out", new, *FAST, "--d-model", 256)
+    one_error_line(err, "train")
+    assert rc == 2 and "5.00 MiB free; nothing was written" in err and "0.00 GiB" not in err
+    assert not (new / "metrics.jsonl").exists()  # not a step trained
+
+
+def dcp_checkpoint(path):
+    """A distributed (DCP) checkpoint, as torchrun writes one, from one process."""
+    from growkern import GPTConfig
+    from growkern.train.loop import TrainConfig, build_optimizer, build_scheduler, init_model, make_batches, train
+    tokens = np.random.default_rng(0).integers(0, 61, 5000).astype(np.uint16)
+    tcfg = TrainConfig(steps=8, batch_size=4, block_size=16, lr=1e-2, warmup=2, progress=False, eval_every=0)
+    model = init_model(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16), 0)
+    opt = build_optimizer(model, tcfg)
+    sched = build_scheduler(opt, tcfg)
+    batches = make_batches(tokens, tcfg)
+    train(model, opt, sched, batches, tcfg, end_step=3)
+    C.save(path, model, opt, sched, step=3, train_config=tcfg, batches=batches, storage="dcp")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dcp_source(tmp_path_factory):
+    return dcp_checkpoint(tmp_path_factory.mktemp("dcp") / "src")
+
+
+def test_dcp_grow_onto_a_full_disk(dcp_source, tmp_path, capsys, monkeypatch):
+    """torch.distributed.checkpoint wraps a writer's failure in a CheckpointException (a
+    BaseException); a full disk in it is the same one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    src = tmp_path / "src"
+    shutil.copytree(dcp_source, src)
+    before = tree(src)
+
+    def full(directory, specs, build):
+        directory.mkdir(parents=True)
+        (directory / "__0_0.distcp").write_bytes(b"\0" * 10)
+        try:
+            disk_full("torch's RuntimeError")(directory / "__0_0.distcp")
+        except RuntimeError as e:
+            with C.quiet_dcp():
+                raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (e, [])})
+
+    monkeypatch.setattr(C, "write_dcp_lazily", full)
+    rc, _, err = run(capsys, "grow", src, "--out", tmp_path / "wide")
+    one_error_line(err, "grow")
+    assert rc == 2 and "cannot write" in err and "no space left on device" in err
+    assert tree(src) == before and not (tmp_path / "wide").exists() and staging_leftovers(tmp_path) == []
+
+
+def test_damaged_dcp_checkpoint_is_named_in_one_line(dcp_source, tmp_path, capsys):
+    for damage in ("truncated shard", "corrupt metadata", "missing shard"):
+        src = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(dcp_source, src)
+        shard = next((src / "dcp").glob("*.distcp"))
+        if damage == "truncated shard":
+            shard.write_bytes(shard.read_bytes()[:-64])
+        elif damage == "corrupt metadata":
+            meta = src / "dcp" / ".metadata"
+            meta.write_bytes(meta.read_bytes()[:40] + b"\xff" * 40 + meta.read_bytes()[80:])
+        else:
+            shard.unlink()
+        before = tree(src)
+        for argv in (["grow", src, "--out", tmp_path / "wide"], ["eval", src]):
+            rc, _, err = run(capsys, *argv)
+            one_error_line(err, argv[0])
+            assert rc == 2 and ("dcp/" in err or "distcp" in err), (damage, err)
+        assert tree(src) == before and not (tmp_path / "wide").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(dcp_source, tmp_path, capsys, monkeypatch):
+    """Interrupted while writing (inside torch.distributed.checkpoint, which wraps the
+    KeyboardInterrupt in its CheckpointException): one line, 130, nothing written."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    src = tmp_path / "src"
+    shutil.copytree(dcp_source, src)
+    before = tree(src)
+
+    def interrupted(directory, specs, build):
+        directory.mkdir(parents=True)
+        (directory / "__0_0.distcp").write_bytes(b"\0" * 10)
+        with C.quiet_dcp():
+            raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (KeyboardInterrupt(), [])})
+
+    monkeypatch.setattr(C, "write_dcp_lazily", interrupted)
+    rc, out, err = run(capsys, "grow", src, "--out", tmp_path / "wide")
+    assert rc == 130 and err.strip().splitlines() == [
+        "growkern grow: interrupted; files being written were discarded, what was there before is kept"]
+    assert "Traceback" not in out + err
+    assert tree(src) == before and not (tmp_path / "wide").exists() and staging_leftovers(tmp_path) == []
+
+
+def test_real_sigint_prints_no_traceback(dcp_source, tmp_path):
+    """A real Ctrl-C (SIGINT) in a separate process, in the middle of `growkern grow`."""
+    code = ("import os, signal, sys\n"
+            "from growkern import cli\n"
+            "from growkern.train import checkpoint as C\n"
+            "def write(*args): os.kill(os.getpid(), signal.SIGINT)\n"
+            "C.write_dcp_lazily = write\n"
+            f"sys.exit(cli.main(['grow', {str(dcp_source)!r}, '--out', {str(tmp_path / 'wide')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("growkern grow: interrupted")
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, r.stderr
+    assert not (tmp_path / "wide").exists()
+
+
+def test_grow_schedule_offers_restart(dcp_source, tmp_path, capsys):
+    rc, out, err = run(capsys, "grow", dcp_source, "--schedule", "restart", "--out", tmp_path / "restarted")
+    assert rc == 0, err
+    ck = C.load(tmp_path / "restarted")
+    assert ck.growth_history[-1]["schedule"] == "restart" and ck.step == 3
+    assert ck.scheduler.last_epoch == 0 and ck.scheduler.state_dict()["_growkern_restart"]["steps_before"] == 3
+    rc, _, _ = run(capsys, "grow", dcp_source, "--strategy", "szp", "--out", tmp_path / "szp")
+    assert rc == 0 and C.load(tmp_path / "szp").growth_history[-1]["schedule"] == "restart"  # szp's own
+    rc, _, _ = run(capsys, "grow", dcp_source, "--out", tmp_path / "continued")
+    assert rc == 0 and C.load(tmp_path / "continued").scheduler.last_epoch == 3
+    rc, _, err = run(capsys, "grow", dcp_source, "--rewarm-steps", 2, "--out", tmp_path / "x")
+    assert rc == 2 and "--rewarm-steps goes with --schedule rewarm" in err
+    with pytest.raises(SystemExit):
+        cli.main(["grow", "--help"])
+    assert "restart it from its step 0" in capsys.readouterr().out
+
+
+def test_sample_help_says_what_each_option_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for words in ("Generate text with a checkpoint's model and tokenizer",
+                  "--prompt TEXT the text the story starts with",
+                  "--temperature TEMPERATURE divides the logits before sampling",
+                  "--seed SEED seed of the sampling; sample i of --num uses seed + i"):
+        assert words in text, words

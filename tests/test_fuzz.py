@@ -24,6 +24,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import json
 import math
 import re
 import shutil
@@ -788,3 +789,149 @@ def test_int32_probe_batch_is_measured_not_a_half_grown_error():
     model = GPT(cfg).double()
     report = widen_(model, factor=2, probe_batch=tokens(5, 2, 6, 0).int())
     assert report.preservation["kl_small_wide"] < 1e-12
+
+
+# --- 3. `growkern grow` of damaged Hugging Face directories and Trainer checkpoints ------
+
+HF_VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def hf_sources(workdir):
+    """A Llama and a GPT-2 model directory (save_pretrained) and a Trainer checkpoint of a
+    Llama run (optimizer.pt, scheduler.pt, trainer_state.json, rng_state.pth, ...)."""
+    pytest.importorskip("transformers")
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainingArguments)
+
+    class Tokens(torch.utils.data.Dataset):
+        x = torch.randint(0, HF_VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=HF_VOCAB, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+
+    root = workdir / "hf"
+    llama().save_pretrained(root / "llama")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=HF_VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(root / "gpt2")
+    args = TrainingArguments(output_dir=str(root / "run"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="steps", save_steps=2)
+    Trainer(model=llama(), args=args, train_dataset=Tokens()).train()
+    return {"llama": root / "llama", "gpt2": root / "gpt2", "trainer": root / "run" / "checkpoint-2"}
+
+
+HF_DAMAGES = ["none", "truncate", "corrupt bytes", "delete", "config value", "weights dtype", "weights lack one",
+              "weights extra one", "weights wrong shape", "optimizer dtype", "optimizer wrong shape",
+              "optimizer not a state_dict", "scheduler not a state_dict", "trainer_state wrong types"]
+# files growkern reads: truncated, each must be refused by name; deleted, the first two
+# (a directory without them is no model directory)
+MUST_READ = ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def damage_hf(draw, src: Path) -> tuple[str, str]:
+    """Damage the copy `src` as drawn; returns (damage, file)."""
+    from safetensors.torch import load_file, save_file
+    kind = draw(st.sampled_from(HF_DAMAGES), "damage")
+    files = sorted(f.name for f in src.iterdir() if f.is_file())
+    weights, optimizer = src / "model.safetensors", src / "optimizer.pt"
+    if kind in ("truncate", "corrupt bytes", "delete"):
+        name = draw(st.sampled_from(files), "file")
+        f = src / name
+        data = f.read_bytes()
+        if kind == "delete":
+            f.unlink()
+        elif kind == "truncate":
+            f.write_bytes(data[:int(len(data) * draw(st.sampled_from([0, 0.1, 0.5, 0.99]), "kept"))])
+        else:
+            at = int(len(data) * draw(st.sampled_from([0, 0.01, 0.5, 0.9]), "at"))
+            f.write_bytes(data[:at] + b"\xff" * 16 + data[at + 16:])
+        return kind, name
+    if kind == "config value":
+        config = json.loads((src / "config.json").read_text())
+        key, value = draw(st.sampled_from([
+            ("hidden_size", 24), ("n_embd", 24), ("num_attention_heads", 3), ("n_head", 3), ("vocab_size", 7),
+            ("model_type", "nope"), ("architectures", ["Nope"]), ("intermediate_size", 3), ("num_hidden_layers", 0),
+            ("torch_dtype", "int8"), ("dtype", "bogus"), (None, None)]), "config key")
+        (src / "config.json").write_text(json.dumps([config] if key is None else {**config, key: value}))
+        return kind, "config.json"
+    if kind.startswith("weights"):
+        sd = load_file(str(weights))
+        name = draw(st.sampled_from(sorted(sd)), "tensor")
+        if kind == "weights dtype":
+            dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8]))
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        elif kind == "weights lack one":
+            del sd[name]
+        elif kind == "weights extra one":
+            sd["extra.weight"] = torch.zeros(3)
+        else:
+            sd[name] = torch.zeros(*[s + 1 for s in sd[name].shape])
+        save_file(sd, str(weights), metadata={"format": "pt"})
+        return kind, "model.safetensors"
+    if kind.startswith("optimizer") and optimizer.is_file():
+        sd = torch.load(optimizer, weights_only=True)
+        if kind == "optimizer dtype":
+            dtype = draw(st.sampled_from([torch.float16, torch.float64, torch.int64]))
+            for state in sd["state"].values():
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    state[k] = state[k].to(dtype)
+        elif kind == "optimizer wrong shape":
+            state = next(iter(sd["state"].values()))
+            state["exp_avg"] = torch.zeros(*[s + 1 for s in state["exp_avg"].shape])
+        else:
+            sd = [sd]
+        torch.save(sd, optimizer)
+        return kind, "optimizer.pt"
+    if kind == "scheduler not a state_dict" and (src / "scheduler.pt").is_file():
+        torch.save([1, 2], src / "scheduler.pt")
+        return kind, "scheduler.pt"
+    if kind == "trainer_state wrong types" and (src / "trainer_state.json").is_file():
+        state = json.loads((src / "trainer_state.json").read_text())
+        state.update(draw(st.sampled_from([{"log_history": {}}, {"stateful_callbacks": []}, {"global_step": "x"}])))
+        (src / "trainer_state.json").write_text(json.dumps(state))
+        return kind, "trainer_state.json"
+    return "none", ""
+
+
+@settings(max_examples=max(5, N // 2))
+@given(data=st.data())
+def test_cli_grow_of_damaged_hugging_face_sources(data, hf_sources, workdir):
+    """Model directories and Trainer checkpoints, whole or damaged (truncated, corrupt,
+    missing files, wrong values, dtypes and shapes): `growkern grow` exits 0 with a
+    directory that loads, or 2 with one error line (naming the file, for a file that no
+    longer reads); never a traceback, never a half-written OUT, never a changed source."""
+    from transformers import AutoModelForCausalLM
+    draw = data.draw
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        src = fresh_copy(hf_sources[draw(st.sampled_from(sorted(hf_sources)), "source")], tmp, "src")
+        damage, name = damage_hf(draw, src)
+        note(f"{damage} {name}")
+        if currently_in_test_context():
+            event(f"damage: {damage}")
+        out = tmp / "out"
+        argv = ["grow", src, "--out", out, "--strategy", pick(draw, "--strategy", STRATEGIES),
+                "--factor", pick(draw, "--factor", ["2", "1.5"], ["1", "0"])]
+        source_before = tree_digest(src)
+        rc, so, se = run_cli(argv)
+        check_cli(argv, rc, so, se)
+        assert tree_digest(src) == source_before, "the source changed"
+        assert sorted(p.name for p in tmp.iterdir()) == (["out", "src"] if rc == 0 else ["src"]), "OUT half-written"
+        if (damage == "truncate" and name in MUST_READ) or (damage == "delete" and name in MUST_READ[:2]):
+            assert rc == 2 and name in se, se
+        if rc == 0:
+            AutoModelForCausalLM.from_pretrained(out)
+            if (src / "optimizer.pt").is_file():
+                assert isinstance(torch.load(out / "optimizer.pt", weights_only=True), dict)
+            if (src / "trainer_state.json").is_file():
+                record = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]
+                assert record["growth_by"] == "growkern grow"

@@ -433,7 +433,8 @@ def test_unknown_optimizer_scheduler_and_model_rejected_unchanged():
     other = torch.optim.AdamW(m.parameters())
     with pytest.raises(ValueError, match="must drive the optimizer"):
         widen_(m, opt, torch.optim.lr_scheduler.StepLR(other, 3), factor=2)
-    with pytest.raises(TypeError, match="does not know how to grow Linear; known: .*GPT"):
+    with pytest.raises(TypeError, match=r"does not know how to grow Linear \(torch.nn.modules.linear.Linear\); "
+                                        r"known: .*GPT"):
         widen_(torch.nn.Linear(3, 3), factor=2)
     plan = plan_growth(make(d_model=32).config, factor=2)
     with pytest.raises(ValueError, match="plan was made for"):
@@ -465,10 +466,81 @@ def test_growth_that_does_not_fit_fails_up_front(monkeypatch):
     opt = trained(m)
     sched = torch.optim.lr_scheduler.StepLR(opt, 3)
     before = snapshot(m, opt, sched)
-    monkeypatch.setattr(growkern.growth.checks, "free_bytes", lambda dev: 1000)
-    with pytest.raises(MemoryError, match="nothing was changed"):
-        widen_(m, opt, sched, factor=2)
+    monkeypatch.setattr(growkern.growth.checks, "free_bytes", lambda dev: 5 * 2**20)
+    with pytest.raises(MemoryError, match=r"growth needs \S+ MiB of new state on cpu, 5.00 MiB are free; "
+                                          r"nothing was changed"):
+        widen_(m, opt, sched, factor=20)
     assert_same(before, snapshot(m, opt, sched))
+
+
+def test_sizes_are_said_in_a_unit_they_fill():
+    from growkern.growth.checks import format_bytes
+    assert [format_bytes(n) for n in (812, 5 * 2**20, 2.41 * 2**30, 123.4 * 2**20, 1536)] == \
+        ["812 B", "5.00 MiB", "2.41 GiB", "123 MiB", "1.50 KiB"]
+
+
+def test_head_count_refusal_names_the_heads():
+    """n_head=3 of a 4-head model: the refusal is about heads, not the d_model = 3 x
+    head_dim it would imply."""
+    with pytest.raises(ValueError, match=r"target n_head=3 is fewer heads than the current 4.*n_head >= 4") as e:
+        plan_growth(GPTConfig(vocab_size=VOCAB, d_model=64, n_head=4, n_layer=1), n_head=3)
+    assert "d_model=48" not in str(e.value)
+
+
+class UserConfig:
+    def __init__(self, vocab_size=11, n_embd=8, n_head=1):
+        self.vocab_size, self.n_embd, self.n_head = vocab_size, n_embd, n_head
+
+
+class UserModels:
+    class GPT(torch.nn.Module):
+        """A user's model named GPT (as nanoGPT's is), with a layout of its own."""
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+            self.fc = torch.nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+            self.proj = torch.nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+            self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+        def forward(self, idx):
+            x = self.wte(idx)
+            return self.lm_head(x + self.proj(torch.nn.functional.gelu(self.fc(x))))
+
+
+@pytest.mark.parametrize("registered_by", ["class", "name"])
+def test_a_user_class_named_gpt_is_not_growkerns_gpt(registered_by):
+    """Without register_adapter, a user's class that shares growkern.GPT's name is
+    refused with a TypeError naming it and register_adapter, before anything changes;
+    registered by class or by name it grows with its own table, and a bare name never
+    takes growkern's own GPT from its adapter."""
+    from growkern.growth.adapter import _ADAPTERS, EMBEDDING, LM_HEAD, linear
+    torch.manual_seed(0)
+    model = UserModels.GPT(UserConfig()).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"does not know how to grow GPT \(test_growth\.UserModels\.GPT; "
+                                        r"growkern\.models\.gpt\.GPT is another class of the same name\)"
+                                        r".*growkern\.register_adapter"):
+        widen_(model, factor=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    adapter = growkern.Adapter(name="user-gpt", classes=(UserModels.GPT,) if registered_by == "class" else ("GPT",),
+                               params={r"wte\.weight": EMBEDDING, r"lm_head\.weight": LM_HEAD,
+                                       r"fc\.weight": linear("d_ff", "d_model"),
+                                       r"proj\.weight": linear("d_model", "d_ff")},
+                               config_keys=dict(d_model="n_embd", n_head="n_head", vocab_size="vocab_size"))
+    growkern.register_adapter(adapter)
+    try:
+        assert growkern.adapter_for(model) is adapter
+        assert growkern.adapter_for(make()).name == "growkern.GPT"
+        x = batch()[:, :4] % 11
+        want = model(x)
+        widen_(model, factor=2)
+        assert model.config.n_embd == 16 and model.fc.weight.shape == (64, 16)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+    finally:
+        _ADAPTERS.remove(adapter)
 
 
 def test_optimizer_that_does_not_train_exactly_this_model_is_refused_unchanged():

@@ -231,7 +231,8 @@ def test_unknown_family_refused_unchanged():
     model = T.BertLMHeadModel(T.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                            intermediate_size=24, is_decoder=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match="does not know how to grow BertLMHeadModel; known: .*LlamaForCausalLM"):
+    with pytest.raises(TypeError, match=r"does not know how to grow BertLMHeadModel "
+                                        r"\(transformers\.models\.bert\.\S+\); known: .*transformers\.LlamaForCausalLM"):
         widen_(model, factor=2)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.config.hidden_size == 16

@@ -1,7 +1,9 @@
 """growkern.hf with real transformers models (tiny random configs, CPU): GrowthCallback
 inside Trainer.train(), and `growkern grow` of model directories and Trainer checkpoints."""
+import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,9 +144,16 @@ def test_grown_trainer_checkpoint_resumes(llama_checkpoint, tmp_path, capsys):
     rc, text, err = grow(capsys, llama_checkpoint, "--factor", 2, "--out", out)
     assert rc == 0, err
     assert "growkern.widen_" in text and "Trainer checkpoint" in text
-    for name in ("scheduler.pt", "trainer_state.json", "rng_state.pth", "training_args.bin"):
+    for name in ("scheduler.pt", "rng_state.pth", "training_args.bin"):
         assert (out / name).read_bytes() == (llama_checkpoint / name).read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["grown"]  # no temporary directory left
+    # trainer_state.json: as it was, plus the growth in its log history
+    before = json.loads((llama_checkpoint / "trainer_state.json").read_text())
+    after = json.loads((out / "trainer_state.json").read_text())
+    record = after["log_history"].pop()
+    assert after == before
+    assert record["growth_by"] == "growkern grow" and record["step"] == 2
+    assert (record["growth_d_model_before"], record["growth_d_model_after"]) == (16, 32)
 
     # a model built from OUT, a new Trainer; the callback present must neither grow again
     # nor break the checkpoint save (its entry was missing from the loaded state)
@@ -239,3 +248,135 @@ def test_targets_the_model_cannot_take_fail_before_training(tmp_path):
 def test_callback_arguments_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GrowthCallback(**kwargs)
+
+
+# --- resuming past a growth; growth recorded wherever it happens -------------------------
+
+def test_the_same_script_resumes_past_the_growth(tmp_path):
+    """The first run's script resumed as it is: the Trainer is given the small model,
+    the checkpoint holds the grown one; the callback grows the model to the checkpoint's
+    shapes before the Trainer loads it, and the run goes on as the uninterrupted one."""
+    def callback():
+        return GrowthCallback(at_step=2, factor=2)
+
+    full = trainer_for(gpt2(), tmp_path / "full", [callback()], save_strategy="steps", save_steps=3)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-3"  # saved after the growth
+    model, cb = gpt2(), callback()
+    resumed = trainer_for(model, tmp_path / "resumed", [cb])
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert model.config.n_embd == 32 and (cb.grown_at, cb.grown_by) == (2, "GrowthCallback") and cb.report is None
+    assert_moments_fit(resumed, steps=6)
+    want, got = logged(full, "loss"), logged(resumed, "loss")
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-5)
+
+    # a checkpoint this callback's growth does not fit: what to do, not the loader's size mismatch
+    model = gpt2()
+    other = trainer_for(model, tmp_path / "other", [GrowthCallback(at_step=2, factor=4)])
+    with pytest.raises(ValueError, match=r"AutoModelForCausalLM\.from_pretrained\(checkpoint\)") as e:
+        other.train(resume_from_checkpoint=str(ckpt))
+    assert "GrowthCallback(at_step=2, factor=4" in str(e.value) and "size mismatch" not in str(e.value)
+    assert model.config.n_embd == 16 and other.state.global_step == 0
+
+
+@pytest.mark.parametrize("model_from", ["grown config", "the script's small model"])
+def test_checkpoint_grown_by_the_cli_is_not_grown_again(model_from, tmp_path, capsys, caplog):
+    def callback():
+        return GrowthCallback(at_step=3, factor=2)
+
+    trainer_for(llama(), tmp_path / "run", [callback()], max_steps=4, save_strategy="steps", save_steps=2).train()
+    ckpt, grown = tmp_path / "run" / "checkpoint-2", tmp_path / "grown"  # saved before the callback's step
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["GrowthCallback"]
+    assert saved["attributes"]["grown_at"] is None
+    rc, _, err = grow(capsys, ckpt, "--factor", 2, "--out", grown)
+    assert rc == 0, err
+    marked = json.loads((grown / "trainer_state.json").read_text())["stateful_callbacks"]["GrowthCallback"]
+    assert marked["attributes"] == {"grown_at": 2, "grown_by": "growkern grow"}
+
+    model = AutoModelForCausalLM.from_pretrained(grown) if model_from == "grown config" else llama()
+    cb = callback()
+    trainer = trainer_for(model, tmp_path / "resumed", [cb], max_steps=4, save_strategy="steps", save_steps=4)
+    with caplog.at_level("WARNING", logger="growkern.hf"):
+        trainer.train(resume_from_checkpoint=str(grown))
+    assert model.config.hidden_size == 32 and cb.report is None  # 32, not 64
+    assert (cb.grown_at, cb.grown_by) == (2, "growkern grow")
+    assert "records the growth (growkern grow at step 2); not growing again" in caplog.text
+    assert_moments_fit(trainer, steps=4)
+    resaved = transformers.TrainerState.load_from_json(tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json")
+    assert resaved.stateful_callbacks["GrowthCallback"]["attributes"] == {"grown_at": 2, "grown_by": "growkern grow"}
+
+
+def test_callback_does_not_grow_a_model_with_its_target_widths(tmp_path, caplog):
+    model = llama()  # hidden 16, intermediate 32, 2 heads
+    cb = GrowthCallback(at_step=2, d_model=16, d_ff=32)
+    with caplog.at_level("WARNING", logger="growkern.hf"):
+        trainer_for(model, tmp_path, [cb], max_steps=3).train()
+    assert cb.report is None and cb.grown_at is None and model.config.hidden_size == 16
+    assert "the model has the target widths already (d_model 16, d_ff 32); not growing" in caplog.text
+
+
+# --- corrupt files and full disks: one line, exit 2, nothing written, the source untouched -----
+
+def tree(path):
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(params=["model directory", "Trainer checkpoint"])
+def source(request, llama_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    if request.param == "Trainer checkpoint":
+        shutil.copytree(llama_checkpoint, src)
+    else:
+        llama().save_pretrained(src)
+    return src
+
+
+def refused_untouched(capsys, src, *argv, words=()):
+    before = tree(src)
+    out = src.parent / "out"
+    rc, text, err = grow(capsys, src, *argv, "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("growkern grow: error: "), err
+    assert "Traceback" not in text + err and all(w in err for w in words), err
+    assert tree(src) == before and sorted(p.name for p in src.parent.iterdir()) == ["src"]  # no OUT, no staging
+    return err
+
+
+def test_truncated_weights_are_named_in_one_line(source, capsys):
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    refused_untouched(capsys, source, words=("model.safetensors", "truncated or corrupt"))
+
+
+def test_full_disk_while_writing_the_weights(source, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError (what it raised on a full tmpfs)."""
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # what a writer got down before the disk filled
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    refused_untouched(capsys, source, words=("cannot write", "out: no space left on device", "nothing was written"))
+
+
+def test_full_disk_while_writing_the_optimizer(llama_checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    src = tmp_path / "src"
+    shutil.copytree(llama_checkpoint, src)
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):  # torch.save of optimizer.pt onto a disk that fills up
+        if Path(getattr(f, "name", f)).name != "optimizer.pt":
+            return real(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    refused_untouched(capsys, src, words=("(optimizer.pt)", "no space left on device"))
+
+
+def test_grow_checks_the_free_space_first_in_a_sensible_unit(source, capsys, monkeypatch):
+    usage = shutil.disk_usage(source)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=5000))
+    err = refused_untouched(capsys, source, words=("4.88 KiB free; nothing was written",))
+    assert "GiB" not in err

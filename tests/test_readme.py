@@ -1,5 +1,6 @@
 """Every command the README shows runs as written: each `growkern ...` line of its bash
-blocks parses (shell syntax and the CLI's own), and the install lines name real files."""
+blocks parses (shell syntax and the CLI's own), the install lines name real files, and
+its first Python block runs."""
 import re
 import shlex
 from pathlib import Path
@@ -49,3 +50,19 @@ def test_readme_install_lines_name_real_files():
         words = shlex.split(command)
         if words[:2] == ["pip", "install"] and "-r" in words:
             assert (ROOT / words[words.index("-r") + 1]).is_file()
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_readme_first_snippet_runs_as_written(capsys):
+    """The README's first Python block, the one a new user copies, runs as it is: its
+    imports are there (torch too), GPT.forward returns (logits, loss), and widen_ grows
+    the model it trained."""
+    namespace = {}
+    exec(compile(readme_python_blocks()[0], "README.md", "exec"), namespace)
+    model, report = namespace["model"], namespace["report"]
+    assert model.config.d_model == 256 and report.dims_after["d_model"] == 256
+    assert report.preservation["kl_small_wide"] < 1e-6
+    assert "growkern.widen_" in capsys.readouterr().out

@@ -239,3 +239,55 @@ def test_cli_refuses_an_existing_out(small_run, tmp_path, capsys):
     rc = cli.main(["select", str(small_run), "--out", str(tmp_path / "sel")])
     assert rc == 2 and "exists" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "sel").iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """checkpoint-3 of a tiny Llama Trainer run, saved with a tokenizer of the TinyStories text."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("trainer_run")
+    tok = D.train_tokenizer(D.read_stories(REAL / "train.txt")[:200], vocab_size=300)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=D.BOS, eos_token=D.EOS,
+                                                pad_token=D.EOS)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64))
+    ids = torch.randint(0, len(fast), (12, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    args = transformers.TrainingArguments(output_dir=str(root), max_steps=3, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="steps",
+                                          save_steps=3)
+    transformers.Trainer(model=model, args=args, train_dataset=data, processing_class=fast).train()
+    return root / "checkpoint-3"
+
+
+@needs_real
+def test_cli_selects_for_a_trainer_checkpoint(trainer_checkpoint, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "sel"
+    rc = cli.main(["select", str(trainer_checkpoint), "--out", str(out), "--data", str(REAL), "--budget", "2",
+                   "--probe-steps", "1", "--candidates", "exact_copy,asym_reset", "--block-size", "32",
+                   "--batch-size", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "trainer.train(resume_from_checkpoint=" in text and (out / "ranking.md").is_file()
+    assert (out / "optimizer.pt").is_file() and (out / "trainer_state.json").is_file()
+    grown = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert grown.config.hidden_size == 32
+
+
+def test_readme_selection_snippet_runs_as_written(capsys):
+    """The README's selection block, after its first block (the model made smaller, so
+    the test is fast; the selection block itself runs as written)."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    select_block = next(b for b in blocks if "select_warm_start" in b)
+    first = blocks[0].replace("d_model=128, n_head=4, n_layer=4", "d_model=16, n_head=2, n_layer=1")
+    namespace = {}
+    exec(compile(first, "README.md", "exec"), namespace)
+    exec(compile(select_block, "README.md", "exec"), namespace)
+    sel, model = namespace["selection"], namespace["model"]
+    assert model.config.d_model == 64 and sel.best in [r["candidate"] for r in sel.rows]
+    assert "Continue from" in capsys.readouterr().out

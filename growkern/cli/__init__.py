@@ -1,13 +1,14 @@
-"""Command line: `growkern train | grow | eval | sample | demo` (also `python -m growkern`).
+"""Command line: `growkern train | grow | select | eval | sample | demo` (also `python -m growkern`).
 
 Every command that writes takes --out, a run directory: its checkpoint goes to
 RUN/ckpt and its metrics to RUN/metrics.jsonl. Wherever a CKPT is expected, a run
 directory or the checkpoint directory itself is accepted.
 
-One module per command (train, grow, evaluate: eval and sample, demo), each with its
+One module per command (train, grow, select, evaluate: eval and sample, demo), each with its
 cmd_* function and an add_parsers(subparsers) that adds its parser; common.py holds
 what they share. This module assembles the parser, with the commands other packages
-add (extend), and runs a command: a user's mistake is one error line and exit status 2.
+add (extend), and runs a command: a user's mistake, a corrupt file or a full disk is one
+error line and exit status 2; Ctrl-C is one line and exit status 130, no traceback.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import sys
 import torch
 
 from ..train import checkpoint as ckpt_mod
-from . import demo, evaluate, grow, train
+from . import demo, evaluate, grow, select, train
 from .common import CLIError, _Formatter
 
-COMMANDS = (train, grow, evaluate, demo)  # the modules, in the order `growkern --help` lists them
+COMMANDS = (train, grow, select, evaluate, demo)  # the modules, in the order `growkern --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +74,13 @@ def _load_extensions():
 
 
 def main(argv=None) -> int:
-    _load_extensions()
-    args = build_parser().parse_args(argv)
+    try:
+        _load_extensions()
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("GROWKERN_DEBUG"):
+            raise
+        return _interrupted(None)
     threads = torch.get_num_threads()
     try:
         if getattr(args, "threads", None):
@@ -83,7 +89,22 @@ def main(argv=None) -> int:
     except (CLIError, ckpt_mod.CheckpointError, OSError, ValueError, MemoryError) as e:
         if os.environ.get("GROWKERN_DEBUG"):
             raise
-        print(f"growkern {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
+        # one line, whatever the message: a library's may span several (transformers' loaders)
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"growkern {args.command}: error: {text or type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("GROWKERN_DEBUG"):
+            raise
+        return _interrupted(args.command)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+
+
+def _interrupted(command: str | None) -> int:
+    """Ctrl-C: one line and the shell's status for SIGINT (128 + 2), no traceback.
+    Writes in flight were staged (checkpoints, logs, caches) and are gone; what was
+    there before is as it was."""
+    print(f"growkern{f' {command}' if command else ''}: interrupted; files being written were "
+          f"discarded, what was there before is kept", file=sys.stderr)
+    return 130

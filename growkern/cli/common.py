@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
+from ..growth.checks import format_bytes
 from ..train import checkpoint as ckpt_mod
 from ..train import data as D
 from ..train.loop import TrainConfig
@@ -63,6 +65,16 @@ def corpus_for(ck: ckpt_mod.Checkpoint, data: str | None):
 def val_batches(corpus, tcfg: TrainConfig, n: int | None = None):
     return D.eval_batches(corpus.valid, tcfg.block_size, tcfg.batch_size,
                           tcfg.eval_batches if n is None else (n or None))
+
+
+def check_free_space(out: Path, size: int, what: str) -> None:
+    """Refuse, before anything is written (or trained), to write `size` bytes of `what`
+    under `out` when its filesystem has less free."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(existing).free
+    if size > free:
+        raise CLIError(f"{what} needs about {format_bytes(size)}, {existing} has {format_bytes(free)} free; "
+                       f"nothing was written")
 
 
 def run_dir(path) -> Path:

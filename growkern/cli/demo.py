@@ -19,6 +19,7 @@ from ..train import checkpoint as ckpt_mod
 from ..train.distributed import resolve_device
 from ..train.loop import (TrainConfig, build_optimizer, build_scheduler, evaluate, flops_per_token, init_model,
                           make_batches, seed_everything, train)
+from ..train.staging import atomic_open
 from .common import PRESETS, CLIError, _Formatter, positive_int, prepare_corpus, val_batches
 from .grow import grow_checkpoint
 
@@ -144,7 +145,8 @@ def cmd_demo(args) -> int:
         print("  (the last row is read off the scratch run's val curve at the grown run's compute, "
               "linear interpolation; at step 0 the loss is taken as log(vocab))")
     result["seconds_total"] = time.perf_counter() - t_all
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_open(out / "summary.json", "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
     print(f"\ndone in {result['seconds_total']:.0f} s; checkpoints, metrics.jsonl and summary.json in {out}")
     print(f"next: growkern sample {out / 'wide'}   |   growkern eval {out / 'wide'}")
     return 0

@@ -82,13 +82,20 @@ def add_parsers(sub) -> None:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", formatter_class=_Formatter, help="generate text from a checkpoint")
+    s = sub.add_parser("sample", formatter_class=_Formatter, help="generate text from a checkpoint",
+                       description="Generate text with a checkpoint's model and tokenizer, grown or not: "
+                                   "each sample starts a story after BOS with --prompt and ends at the "
+                                   "end-of-story token or after --tokens new tokens. Sampling is seeded: "
+                                   "the same arguments print the same text.")
     s.add_argument("ckpt", metavar="CKPT", help="checkpoint or run directory")
-    s.add_argument("--prompt", default="Once upon a time")
+    s.add_argument("--prompt", default="Once upon a time", metavar="TEXT",
+                   help="the text the story starts with, printed as given, then continued")
     s.add_argument("--tokens", type=non_negative_int, default=200, help="new tokens at most (stops at end of story)")
-    s.add_argument("--temperature", type=positive_float, default=0.8)
-    s.add_argument("--top-k", type=non_negative_int, default=50, help="0 disables")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=positive_float, default=0.8,
+                   help="divides the logits before sampling: lower is more predictable, higher more varied")
+    s.add_argument("--top-k", type=non_negative_int, default=50, help="sample among the k likeliest tokens; "
+                                                                       "0 disables")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling; sample i of --num uses seed + i")
     s.add_argument("--num", type=positive_int, default=1, help="number of samples")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.set_defaults(func=cmd_sample)

@@ -5,25 +5,26 @@ validation batch) and saves with the growth in its history; a distributed (DCP) 
 grows offline, a tensor at a time (growkern.train.offline); a Hugging Face model
 directory or Trainer checkpoint grows through growkern.hf into a new directory of its
 kind. What the growth will cost is announced, and refused when the disk cannot hold it,
-before anything is written. grow_checkpoint is also the demo's growth step.
+before anything is written, for every kind; a write that fails anyway (the disk filled
+up meanwhile) is one line, with nothing half-written and the source untouched.
+grow_checkpoint is also the demo's growth step.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import math
-import shutil
 import sys
 from pathlib import Path
 
-from ..growth.checks import new_state_bytes
+from ..growth.checks import format_bytes, new_state_bytes
 from ..growth.plan import plan_growth
 from ..growth.strategies import strategies
 from ..growth.widen import widen_
 from ..train import checkpoint as ckpt_mod
 from ..train.distributed import resolve_device
 from ..train.offline import grow_dcp
-from .common import CLIError, _Formatter, corpus_for, val_batches
+from .common import CLIError, _Formatter, check_free_space, corpus_for, val_batches
 
 
 def _probe_batch(corpus, tcfg, device):
@@ -56,10 +57,13 @@ def grow_checkpoint(ck, corpus, *, factor=None, d_model=None, d_ff=None, n_head=
                     strategy="exact_copy", seed=0, schedule="continue", rewarm_steps=None,
                     options=None, plan=None):
     """widen_ a loaded checkpoint in place; returns the GrowthReport and its history entry.
-    `plan`: the plan_growth of the same targets, when the caller made it already."""
+    `plan`: the plan_growth of the same targets, when the caller made it already.
+    `schedule` None: the strategy's own ("restart" for szp, a new run; else "continue")."""
     targets = growth_targets(factor, d_model, d_ff, n_head)
     if plan is None:
         plan = plan_growth(ck.model, strategy=strategy, seed=seed, **targets, **(options or {}))
+    if schedule is None:
+        schedule = getattr(plan.strategy, "default_schedule", "continue")
     device = next(ck.model.parameters()).device
     report = widen_(ck.model, ck.optimizer, ck.scheduler, plan=plan,
                     probe_batch=_probe_batch(corpus, ck.train_config, device),
@@ -98,17 +102,37 @@ def grow_hf(args, kind: str) -> int:
     """`growkern grow` of a Hugging Face model directory or Trainer checkpoint into the
     new directory --out."""
     what = "a Trainer checkpoint" if kind == "trainer" else "a Hugging Face model directory"
-    if args.schedule == "rewarm":
-        why = ("Trainer builds a fresh LR scheduler when it resumes and would drop the ramp; re-warm with "
-               "growkern.hf.GrowthCallback(schedule='rewarm') in the training run instead"
-               if kind == "trainer" else "a model directory has no LR schedule")
-        raise CLIError(f"--schedule rewarm: {args.ckpt} is {what}, and {why}")
+    if args.schedule in ("rewarm", "restart"):
+        why = {"rewarm": "Trainer builds a fresh LR scheduler when it resumes and would drop the ramp; re-warm "
+                         "with growkern.hf.GrowthCallback(schedule='rewarm') in the training run instead",
+               "restart": "Trainer rebuilds its LR schedule from its TrainingArguments when it resumes and "
+                          "loads scheduler.pt (copied unchanged); to start a new schedule, train the grown "
+                          "model in a new Trainer run, without resume_from_checkpoint"}[args.schedule] \
+            if kind == "trainer" else "a model directory has no LR schedule"
+        raise CLIError(f"--schedule {args.schedule}: {args.ckpt} is {what}, and {why}")
     if args.data:
         raise CLIError(f"--data picks the validation probe of growkern checkpoints; {args.ckpt} is {what}")
     from .. import hf  # imports transformers, an optional dependency
-    report = hf.grow_saved(args.ckpt, args.out, device=resolve_device(args.device), strategy=args.strategy,
-                           seed=args.seed, **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
-                           **parse_options(args.option))
+    out = Path(args.out)
+
+    def announce(e):
+        _announce(e["dims_before"], e["dims_after"], e["params_before"], e["params_after"], e["bytes"], out)
+
+    from transformers.utils import logging as hf_logging
+    # transformers' progress bars and load reports: the growth report says what happened,
+    # and what goes wrong is growkern's one error line (hf.load_model)
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        report = hf.grow_saved(args.ckpt, out, device=resolve_device(args.device), strategy=args.strategy,
+                               seed=args.seed, before_write=announce,
+                               **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
+                               **parse_options(args.option))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     print(report)
     print("  (step-0 preservation measured on random token ids)")
     print(f"grown {what}: {args.out}")
@@ -144,15 +168,11 @@ def _announce_growth(model, optimizer, plan, out: Path) -> None:
 def _announce(old: dict, new: dict, before: int, after: int, size: int, out: Path, how: str = "") -> None:
     dims = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_model", "d_ff", "n_head"))
     print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
-          f"checkpoint about {size / 2**30:.2f} GiB{how}")
+          f"checkpoint about {format_bytes(size)}{how}")
     if after > LARGE_GROWTH * before:
         print(f"growkern grow: warning: this growth multiplies the parameters by {after / before:.0f}; the usual "
               f"factors are 2-4 (x4-x16 parameters)", file=sys.stderr)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if size > free:
-        raise CLIError(f"the grown checkpoint needs about {size / 2**30:.2f} GiB, {existing} has "
-                       f"{free / 2**30:.2f} GiB free; nothing was written")
+    check_free_space(out, size, "the grown checkpoint")
 
 
 def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
@@ -174,6 +194,9 @@ def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
 
 
 def cmd_grow(args) -> int:
+    if args.rewarm_steps is not None and args.schedule != "rewarm":
+        raise CLIError(f"--rewarm-steps goes with --schedule rewarm, not with "
+                       f"{f'--schedule {args.schedule}' if args.schedule else 'the default schedule'}")
     kind = checkpoint_kind(args.ckpt)
     if kind != "growkern":
         return grow_hf(args, kind)
@@ -237,8 +260,10 @@ def add_parsers(sub) -> None:
     g.add_argument("--n-head", type=int, help="target query heads")
     g.add_argument("--strategy", default="exact_copy", choices=strategies(), help="how new units are made")
     g.add_argument("--seed", type=int, default=0, help="seed of the growth's noise")
-    g.add_argument("--schedule", default="continue", choices=["continue", "rewarm"],
-                   help="keep the LR schedule, or re-warm it linearly (growkern checkpoints)")
+    g.add_argument("--schedule", choices=["continue", "rewarm", "restart"],
+                   help="the LR schedule after growth (growkern checkpoints): continue it, re-warm it "
+                        "linearly over --rewarm-steps, or restart it from its step 0 (a new run, warmup "
+                        "again) (default: the strategy's: restart for szp, continue for the others)")
     g.add_argument("--rewarm-steps", type=int, metavar="N", help="length of the re-warm ramp")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. noise=0.05, preserving=False)")

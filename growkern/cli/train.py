@@ -20,8 +20,8 @@ from ..train import distributed as dist_mod
 from ..train.distributed import resolve_device
 from ..train.loop import (LRSchedule, TrainConfig, build_optimizer, build_scheduler, init_model, make_batches,
                           seed_everything, train)
-from .common import (PRESETS, CLIError, _Formatter, corpus_for, positive_int, prepare_corpus, run_dir,
-                     val_batches)
+from .common import (PRESETS, CLIError, _Formatter, check_free_space, corpus_for, positive_int, prepare_corpus,
+                     run_dir, val_batches)
 
 # Flags that override the preset/config file: (flag, section, field, type, help).
 # --block-size sets the model's context and the training sequence length together.
@@ -233,6 +233,9 @@ def _train(args, ctx: dist_mod.Context) -> int:
     if start >= end:
         say(f"nothing to do: the checkpoint is at step {start}, the run ends at {end}")
         return 0
+    if ctx.is_main:  # the checkpoint written at the end must fit: say so now, not after training
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_free_space(out, 3 * weights, f"the checkpoint {out / 'ckpt'} (weights and AdamW moments)")
     if (args.fsdp or args.fsdp_param_dtype) and not ctx.distributed:
         raise CLIError("--fsdp shards the model over the processes of torchrun "
                        "(torchrun --nproc_per_node N -m growkern train --fsdp ...); this is one process")

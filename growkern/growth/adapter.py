@@ -134,7 +134,13 @@ class Adapter:
       n_head, n_kv_head, head_dim, norm_eps, vocab_size, n_layer, norm). A
       width with no key is read off the parameter shapes and must follow from the
       others when the class is built from the new config (checked up front).
-    classes: classes, or names of classes, this adapter grows (matched on the MRO).
+    classes: the classes this adapter grows, matched on the model's MRO (so their
+      subclasses too): a class object matches itself; a dotted name "package.Class"
+      matches a class of that name defined in that package or one of its modules (how
+      the Hugging Face tables name transformers' classes without importing it); a bare
+      name "Class" matches any class of that name, wherever it is defined (for your
+      own adapters; growkern's never use one, since a user's class may share the name).
+      A class object or dotted name wins over a bare name when both match.
     norm: the residual norms, "layernorm" or "rmsnorm" (or read from config_keys["norm"]).
     gain_offset: norms compute x_hat * (gain_offset + weight) (Gemma: 1).
     embed_multiplier: Shape -> the factor the embedding output is multiplied by
@@ -177,16 +183,37 @@ class Adapter:
         if "n_head" not in self.config_keys:
             raise ValueError(f"Adapter {self.name}: config_keys needs 'n_head' (the head count "
                              f"cannot be read off parameter shapes)")
+        if isinstance(self.classes, (str, type)):
+            self.classes = (self.classes,)
+        if not isinstance(self.classes, (tuple, list)) or not self.classes or not all(
+                isinstance(c, type) or (isinstance(c, str) and c.strip(".") == c and c) for c in self.classes):
+            raise TypeError(f"Adapter {self.name}: classes must be a tuple of classes or class names "
+                            f"('Class' or 'package.Class'), got {self.classes!r}")
+        self.classes = tuple(self.classes)
         self._compiled = [(re.compile(p), spec) for p, spec in self.params.items()]
 
     # -- matching ---------------------------------------------------------------------
 
-    def matches(self, model: nn.Module) -> bool:
+    def match_rank(self, model: nn.Module) -> int:
+        """2: a class of the model's MRO is one of `classes` (or its dotted name); 1: only
+        a bare name matches; 0: no match."""
+        rank = 0
         for cls in type(model).__mro__:
             for want in self.classes:
-                if cls is want or (isinstance(want, str) and cls.__name__ == want):
-                    return True
-        return False
+                if isinstance(want, type):
+                    if cls is want:
+                        return 2
+                elif "." in want:
+                    package, _, name = want.rpartition(".")
+                    module = getattr(cls, "__module__", "") or ""
+                    if cls.__name__ == name and (module == package or module.startswith(package + ".")):
+                        return 2
+                elif cls.__name__ == want:
+                    rank = 1
+        return rank
+
+    def matches(self, model: nn.Module) -> bool:
+        return self.match_rank(model) > 0
 
     def spec_of(self, name: str) -> Param:
         """The Param of one parameter name; ValueError when no pattern (or several) matches."""
@@ -424,14 +451,28 @@ def adapters() -> list[str]:
     return [a.name for a in _ADAPTERS]
 
 
+def _class_name(c) -> str:
+    return c if isinstance(c, str) else f"{c.__module__}.{c.__qualname__}"
+
+
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter that grows `model`; TypeError naming the class and what is known."""
-    for a in _ADAPTERS:
-        if a.matches(model):
-            return a
-    known = sorted({c if isinstance(c, str) else c.__name__ for a in _ADAPTERS for c in a.classes})
-    raise TypeError(f"growkern does not know how to grow {type(model).__name__}; known: {', '.join(known)}. "
-                    f"Describe its parameters with growkern.register_adapter (docs/models.md)")
+    """The adapter that grows `model`: the first registered one that names one of its
+    classes (a class object or dotted name), else the first that matches a bare class
+    name; TypeError naming the class and what is known."""
+    ranked = [(a.match_rank(model), -i, a) for i, a in enumerate(_ADAPTERS)]
+    rank, _, best = max(ranked, key=lambda r: r[:2], default=(0, 0, None))
+    if rank:
+        return best
+    cls = type(model)
+    # a class that shares a name with one growkern knows is not that class (nanoGPT's GPT)
+    namesakes = [_class_name(c) for a in _ADAPTERS for c in a.classes
+                 if _class_name(c).rpartition(".")[2] == cls.__name__]
+    alike = (f"; {', '.join(namesakes)} {'is' if len(namesakes) == 1 else 'are'} another class of the same "
+             f"name" if namesakes else "")
+    known = sorted({_class_name(c) for a in _ADAPTERS for c in a.classes})
+    raise TypeError(f"growkern does not know how to grow {cls.__name__} ({_class_name(cls)}{alike}); "
+                    f"known: {', '.join(known)}. Describe its parameters with growkern.register_adapter "
+                    f"(docs/models.md, 'Your own model')")
 
 
 def adapter_for_config(config) -> Adapter | None:

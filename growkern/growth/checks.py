@@ -117,9 +117,19 @@ def check_memory(model, optimizer, plan, shards: int = 1):
     dev = next(model.parameters()).device
     free = free_bytes(dev)
     if free is not None and need > free:
-        raise MemoryError(f"growth needs {need / 2**30:.2f} GiB of new state on {dev}, "
-                          f"{free / 2**30:.2f} GiB are free; nothing was changed")
+        raise MemoryError(f"growth needs {format_bytes(need)} of new state on {dev}, "
+                          f"{format_bytes(free)} are free; nothing was changed")
     return need
+
+
+def format_bytes(n: int) -> str:
+    """A size in the largest binary unit it fills at least once, to three significant
+    digits: 5.00 MiB, not 0.00 GiB; 812 B; 2.41 GiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.2f} {unit}" if abs(v) < 10 else f"{v:.1f} {unit}" if abs(v) < 100 else f"{v:.0f} {unit}"
+    return f"{n} B"
 
 
 def free_bytes(dev: torch.device) -> int | None:

@@ -307,7 +307,7 @@ def _gpt_finish(model):
 
 ADAPTER = register_adapter(Adapter(
     name="growkern.GPT",
-    classes=("GPT",),
+    classes=(GPT,),  # the class itself: a user's class named GPT (nanoGPT's) is another model
     params={
         r"wte\.weight": EMBEDDING,
         r"wpe\.weight": POSITION_EMBEDDING,

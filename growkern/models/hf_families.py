@@ -1,7 +1,8 @@
 """The Hugging Face model families growkern grows, one table each: parameter pattern -> axes.
 
 Read a row as "this parameter's output axis is ..., its input axis is ...".
-transformers is never imported here: Hugging Face classes are matched by name.
+transformers is never imported here: its classes are named "transformers.Class", which
+matches a class of that name defined in transformers (not a user's class that shares it).
 The axes, what is exact and what is updated after growth are in docs/models.md.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ LLAMA_KEYS = dict(d_model="hidden_size", d_ff="intermediate_size", n_head="num_a
 
 LLAMA = Adapter(
     name="llama",
-    classes=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"),
+    classes=("transformers.LlamaForCausalLM", "transformers.MistralForCausalLM", "transformers.Qwen2ForCausalLM",
+             "transformers.Qwen3ForCausalLM"),
     params=_llama_like(), config_keys=LLAMA_KEYS, init_std=_hf_init_std,
 )
 
@@ -61,7 +63,7 @@ _Q, _KV = ("q", "query"), ("kv", "produce")
 
 PHI3 = Adapter(
     name="phi3",
-    classes=("Phi3ForCausalLM",),
+    classes=("transformers.Phi3ForCausalLM",),
     params={
         r"model\.embed_tokens\.weight": EMBEDDING,
         rf"model\.layers\.{L}\.(input|post_attention)_layernorm\.weight": NORM_GAIN,
@@ -77,7 +79,7 @@ PHI3 = Adapter(
 
 GEMMA = Adapter(
     name="gemma",
-    classes=("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+    classes=("transformers.Gemma2ForCausalLM", "transformers.Gemma3ForCausalLM"),
     params=_llama_like(), config_keys=LLAMA_KEYS, init_std=_hf_init_std,
     gain_offset=1.0,  # Gemma's RMSNorm computes x_hat * (1 + weight)
     embed_multiplier=lambda shape: math.sqrt(shape.d_model),  # embeddings times sqrt(hidden_size)
@@ -85,7 +87,7 @@ GEMMA = Adapter(
 
 GPT2 = Adapter(
     name="gpt2",
-    classes=("GPT2LMHeadModel",),
+    classes=("transformers.GPT2LMHeadModel",),
     params={
         r"transformer\.wte\.weight": EMBEDDING,
         r"transformer\.wpe\.weight": POSITIONS,

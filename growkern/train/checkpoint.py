@@ -48,7 +48,7 @@ from ..growth.wrappers import unwrap
 from ..models.gpt import GPT, GPTConfig
 from .distributed import context, shard_model
 from .loop import LRSchedule, TrainConfig, build_optimizer, build_scheduler, make_batches
-from .staging import remove_stale_staging, staging_name
+from .staging import remove_stale_staging, staging_name, write_error
 
 FORMAT = 1
 META = "meta.json"
@@ -107,12 +107,23 @@ def _write_weights(directory: Path, model: GPT) -> str:
     if _st is not None:
         _st.save_file(tensors, str(directory / WEIGHTS_ST))
         return WEIGHTS_ST
-    torch.save(tensors, directory / WEIGHTS_PT)
+    _write_torch(directory / WEIGHTS_PT, tensors)
     return WEIGHTS_PT
 
 
 def _write_torch(path: Path, obj) -> None:
-    torch.save(obj, path)
+    # through a file object: torch.save to a path reports a failed write (a full disk)
+    # as RuntimeError "unexpected pos" and nothing else; to a file object, it raises
+    # that while the file's OSError is handled (or the OSError itself), re-raised here
+    # naming the file
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None and not cause.filename:
+                raise OSError(cause.errno, cause.strerror, str(path)) from e
+            raise
 
 
 def _write_json(path: Path, obj) -> None:
@@ -145,14 +156,19 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_directory(path: Path, tmp: Path | None = None):
+def staged_directory(path: Path, tmp: Path | None = None, made: list[Path] | None = None):
     """A hidden temporary directory beside `path`, to write into. When the block
     succeeds, its files are synced and it replaces `path` (or becomes it) with one
     atomic exchange, so a crash at any point leaves the old directory or the new one,
-    never a mix; on failure it is removed and `path` is untouched. What killed writes of
-    `path` left beside it is removed first (remove_stale_staging). `tmp`: a staging
-    directory made already (make_staging), as the ranks of a distributed save share."""
-    tmp = tmp or make_staging(path)
+    never a mix; on failure it is removed and `path` is untouched, and a failed write
+    (a full disk) is a one-line WriteError naming the file (staging.write_error). What
+    killed writes of `path` left beside it is removed first (remove_stale_staging).
+    `tmp`: a staging directory made already (make_staging), as the ranks of a
+    distributed save share, and `made` the directories made for it (new_parents)."""
+    if tmp is None:
+        made = new_parents(path)
+        tmp = make_staging(path)
+    made = made or []
     try:
         yield tmp
         for f in sorted(tmp.rglob("*"), reverse=True):  # files, then their directories
@@ -167,8 +183,23 @@ def staged_directory(path: Path, tmp: Path | None = None):
         else:
             os.rename(tmp, path)
         _fsync(path.parent)
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is no Exception
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # the directories made for it, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        err = write_error(e, path, tmp)  # the free space it reports is what the user has, staging gone
+        if err is None:
+            raise
+        raise err from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_parents(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet (deepest first): what a write
+    of `path` makes, and a failed one removes again (if they are still empty)."""
+    return [p for p in path.parents if not p.exists()]
 
 
 def make_staging(path: Path) -> Path:
@@ -219,6 +250,7 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
     if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not a growkern checkpoint; refusing to replace it")
     distributed = ctx.distributed or storage == "dcp"
+    made = new_parents(path) if ctx.is_main else []
     if ctx.distributed:  # a collective: rank 0 makes the staging directory, every rank writes into it
         name = [str(make_staging(path)) if ctx.is_main else None]
         dist.broadcast_object_list(name, src=0, group=ctx.group)
@@ -233,8 +265,11 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
         if failed.item():
             if ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+                for d in made:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
             if err is not None:
-                raise err
+                raise write_error(err, path) or err
             raise RuntimeError(f"saving {path} failed on another rank; the previous checkpoint is kept")
         rng_ranks = [None] * ctx.world_size  # each rank's RNG: a resume on as many ranks continues each stream
         dist.all_gather_object(rng_ranks, rng_state(), group=ctx.group)
@@ -244,12 +279,12 @@ def save(path, model, optimizer, scheduler, *, step: int, train_config: TrainCon
     else:
         rng_ranks = None
         tmp = make_staging(path)
-        if write_tensors is not None:
-            write_tensors(tmp / DCP_DIR)
-        elif distributed:
-            _write_dcp(tmp, model, optimizer, ctx)
     try:
-        with staged_directory(path, tmp):
+        with staged_directory(path, tmp, made):  # a failure from here on removes tmp, leaves path as it was
+            if not ctx.distributed and write_tensors is not None:
+                write_tensors(tmp / DCP_DIR)
+            elif not ctx.distributed and distributed:
+                _write_dcp(tmp, model, optimizer, ctx)
             if distributed:
                 weights = DCP_DIR
                 _write_torch(tmp / OPTIMIZER, optimizer_skeleton or _optimizer_skeleton(optimizer))
@@ -301,10 +336,25 @@ def _write_dcp(tmp: Path, model, optimizer, ctx) -> None:
 @contextlib.contextmanager
 def quiet_dcp():
     """torch.distributed.checkpoint warns that no process group is up each time one
-    process reads or writes on purpose (no_dist)."""
+    process reads or writes on purpose (no_dist). It also wraps what went wrong on each
+    rank in a CheckpointException, which is a BaseException, not an Exception: a
+    KeyboardInterrupt or growkern CheckpointError in it is raised as itself, anything
+    else as a RuntimeError from it (its failures, such as a full disk's OSError, stay
+    in the chain for staging.write_error)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
-        yield
+        try:
+            yield
+        except BaseException as e:
+            failures = getattr(e, "failures", None)
+            if isinstance(e, Exception) or not isinstance(failures, dict):
+                raise
+            inner = [f[0] if isinstance(f, tuple) and f else f for f in failures.values()]
+            own = next((x for x in inner if isinstance(x, (KeyboardInterrupt, CheckpointError))), None)
+            if own is not None:
+                raise own from None
+            raise RuntimeError("torch.distributed.checkpoint failed: " + "; ".join(
+                f"{type(x).__name__}: {x}" for x in inner)) from e
 
 
 def _optimizer_skeleton(optimizer) -> dict:
@@ -697,7 +747,8 @@ def load_sharded(path, ctx, device, param_dtype: torch.dtype | None = None, veri
         group.update({k: v for k, v in g.items() if k != "params"})
     import torch.distributed.checkpoint as dcp
     try:
-        dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)), process_group=ctx.group)
+        with quiet_dcp():  # its CheckpointException as a RuntimeError, caught here
+            dcp.load(targets, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)), process_group=ctx.group)
     except Exception as e:
         raise _err(path, f"cannot read the distributed checkpoint {DCP_DIR}/: {e}") from None
     state = _load_state(path)

@@ -37,7 +37,7 @@ from ..growth.wrappers import unwrap
 from ..models.gpt import GPT, param_kind
 from . import distributed as dist_mod
 from .data import Batches
-from .staging import atomic_open, remove_stale_staging
+from .staging import atomic_open, remove_stale_staging, write_error
 
 SCHEDULES = ("constant", "cosine", "wsd")
 REGIMES = ("deterministic", "stochastic")
@@ -374,19 +374,27 @@ def drop_records_after(path, step: int) -> None:
 
 class _JsonlLog:
     def __init__(self, path):
-        self.f = None
+        self.f, self.path, self.failed = None, path, False
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict):
         if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()  # a crashed run keeps its curve up to the last step
+            try:
+                self.f.write(json.dumps(record) + "\n")
+                self.f.flush()  # a crashed run keeps its curve up to the last step
+            except OSError as e:  # a full disk: one line naming the log, not a traceback
+                self.failed = True
+                raise write_error(e, self.path) or e from e
 
     def close(self):
         if self.f is not None:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                if not self.failed:  # else the failed write is being reported already
+                    raise
 
 
 def _progress_bar(cfg: TrainConfig, start: int, end: int):
