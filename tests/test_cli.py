@@ -275,24 +275,31 @@ def dcp_source(tmp_path_factory):
     return dcp_checkpoint(tmp_path_factory.mktemp("dcp") / "src")
 
 
+def failing_dcp_write(fail):
+    """A stand-in for write_dcp_lazily that starts a shard, then fails with what
+    fail(shard) raises, wrapped in a CheckpointException as torch.distributed.checkpoint
+    wraps a writer's failure."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def write(directory, specs, build):
+        directory.mkdir(parents=True)
+        shard = directory / "__0_0.distcp"
+        shard.write_bytes(b"\0" * 10)
+        try:
+            fail(shard)
+        except BaseException as e:
+            with C.quiet_dcp():
+                raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (e, [])})
+    return write
+
+
 def test_dcp_grow_onto_a_full_disk(dcp_source, tmp_path, capsys, monkeypatch):
     """torch.distributed.checkpoint wraps a writer's failure in a CheckpointException (a
     BaseException); a full disk in it is the same one line."""
-    from torch.distributed.checkpoint.api import CheckpointException
     src = tmp_path / "src"
     shutil.copytree(dcp_source, src)
     before = tree(src)
-
-    def full(directory, specs, build):
-        directory.mkdir(parents=True)
-        (directory / "__0_0.distcp").write_bytes(b"\0" * 10)
-        try:
-            disk_full("torch's RuntimeError")(directory / "__0_0.distcp")
-        except RuntimeError as e:
-            with C.quiet_dcp():
-                raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (e, [])})
-
-    monkeypatch.setattr(C, "write_dcp_lazily", full)
+    monkeypatch.setattr(C, "write_dcp_lazily", failing_dcp_write(disk_full("torch's RuntimeError")))
     rc, _, err = run(capsys, "grow", src, "--out", tmp_path / "wide")
     one_error_line(err, "grow")
     assert rc == 2 and "cannot write" in err and "no space left on device" in err
@@ -322,18 +329,14 @@ def test_damaged_dcp_checkpoint_is_named_in_one_line(dcp_source, tmp_path, capsy
 def test_ctrl_c_is_one_line_and_exit_130(dcp_source, tmp_path, capsys, monkeypatch):
     """Interrupted while writing (inside torch.distributed.checkpoint, which wraps the
     KeyboardInterrupt in its CheckpointException): one line, 130, nothing written."""
-    from torch.distributed.checkpoint.api import CheckpointException
     src = tmp_path / "src"
     shutil.copytree(dcp_source, src)
     before = tree(src)
 
-    def interrupted(directory, specs, build):
-        directory.mkdir(parents=True)
-        (directory / "__0_0.distcp").write_bytes(b"\0" * 10)
-        with C.quiet_dcp():
-            raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (KeyboardInterrupt(), [])})
+    def interrupt(path):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(C, "write_dcp_lazily", interrupted)
+    monkeypatch.setattr(C, "write_dcp_lazily", failing_dcp_write(interrupt))
     rc, out, err = run(capsys, "grow", src, "--out", tmp_path / "wide")
     assert rc == 130 and err.strip().splitlines() == [
         "growkern grow: interrupted; files being written were discarded, what was there before is kept"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..growth.strategies import strategies
+from ..studies.progress import fmt_seconds
 from ..selection.run import DEFAULT_CANDIDATES, REGIMES, select_warm_start
 from ..train import checkpoint as ckpt_mod
 from ..train import data as D
@@ -60,12 +61,8 @@ def _announce(n_cand: int, repeats: int, steps: int, tokens_per_step: int, n_eva
     est = n_cand * repeats * (steps + 1) * step_seconds
     print(f"selecting among {n_cand} candidates x {repeats} repeat(s) x {steps} steps x {tokens_per_step:,} tokens "
           f"= {train_tokens:,} training tokens (+ {eval_tokens:,} evaluated), about {flops:.2e} FLOPs on the "
-          f"grown model ({params:,} parameters); estimated {_duration(est)} (from a timed step of the small "
+          f"grown model ({params:,} parameters); estimated {fmt_seconds(est)} (from a timed step of the small "
           f"model, scaled by the parameter ratio)", flush=True)
-
-
-def _duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _step_seconds(model, batch, ratio: float) -> float:
@@ -127,7 +124,7 @@ def _select_growkern(args, out: Path, names: list[str], targets: dict) -> int:
     return 0
 
 
-def _hf_tokens(src: Path, data, block: int, need_windows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _hf_tokens(src: Path, data, block: int, need_windows: int) -> tuple[np.ndarray, np.ndarray]:
     """The train and valid text tokenized with the checkpoint's own tokenizer, each story
     followed by its end-of-text token; train capped at what the selection can use."""
     from transformers import AutoTokenizer
@@ -169,7 +166,7 @@ def _select_trainer(args, src: Path, out: Path, names: list[str], targets: dict)
     optimizer = hf.load_trainer_optimizer(src, model, device)
     block, bs = args.block_size, args.batch_size
     steps = args.budget or args.probe_steps
-    train, valid = _hf_tokens(src, args.data, block, steps * args.repeats * bs, args.seed)
+    train, valid = _hf_tokens(src, args.data, block, steps * args.repeats * bs)
     _feed(steps * bs * block, len(train), "the training text", steps)
     n_train = min(steps * args.repeats, ((len(train) - 1) // block) // bs)
     batches = [(x.to(device), y.to(device)) for x, y in _windows(train, block, bs, n_train, args.seed)]

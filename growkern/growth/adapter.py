@@ -328,9 +328,7 @@ class Adapter:
             a, b = old_mods.get(name), new_mods.get(name)
             if a is None or b is None:
                 continue
-            for key, new_val in vars(b).items():
-                if key.startswith("_") or key in ("training", "config") or not _plain(new_val):
-                    continue
+            for key, new_val in config_attributes(b).items():
                 old_val = vars(a).get(key, _MISSING)
                 if old_val is _MISSING or old_val == new_val:
                     continue
@@ -354,6 +352,13 @@ class Adapter:
 
 
 _MISSING = object()
+
+
+def config_attributes(module: nn.Module) -> dict:
+    """A module's public plain attributes (numbers, strings, sizes and their tuples): what
+    a module derives from its config and Adapter.sync updates with the widths."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k not in ("training", "config") and _plain(v)}
 
 
 def _plain(v) -> bool:

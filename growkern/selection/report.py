@@ -21,15 +21,11 @@ from pathlib import Path
 
 from ..studies import stats
 from ..studies.render import fmt, md_table, pyplot, save_figure, write_csv, write_text
+from ..studies.render import mean as _mean
 
 ROW_COLUMNS = ("rank", "candidate", "strategy", "status", "final_loss", "probe_loss", "loss_step0", "dloss_step0",
                "pres_kl", "escape", "diff_to_best", "diff_lo", "diff_hi", "repeats", "seconds")
 STUDY_RESULTS = Path(__file__).resolve().parents[2] / "results" / "warmstart-cpu" / "results.csv"
-
-
-def _mean(xs):
-    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else math.nan
 
 
 @dataclass

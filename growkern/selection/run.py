@@ -37,6 +37,7 @@ from ..growth.probe import logits_of
 from ..growth.strategies import strategies
 from ..growth.widen import widen_
 from ..growth.wrappers import unwrap, unwrap_optimizer, unwrap_scheduler
+from ..studies.stats import TIE_TOL
 from .snapshot import TrainingState
 
 DEFAULT_CANDIDATES = ("exact_copy", "perturb", "asym_reset", "structured", "szp")
@@ -44,7 +45,6 @@ DEFAULT_CANDIDATES = ("exact_copy", "perturb", "asym_reset", "structured", "szp"
 # their growth); shuffle: batches reordered per repeat, dropout off; stochastic: both
 # the reordering and the model's own dropout (train mode)
 REGIMES = ("deterministic", "shuffle", "stochastic")
-TIE_TOL = 1e-5  # nats: loss differences below this are float noise at these sizes, shown as ties
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _order(start: int, steps: int, shuffle: bool, seed: int) -> list[int]:
     return idx
 
 
-def _check_args(model, candidates, budget, probe_steps, regime, repeats, seed, batches, eval_batches,
+def _check_args(candidates, budget, probe_steps, regime, repeats, seed, batches, eval_batches,
                 max_grad_norm, tol) -> tuple[list[Candidate], int]:
     cands = [Candidate.of(c) for c in candidates]
     if not cands:
@@ -137,10 +137,6 @@ def _check_args(model, candidates, budget, probe_steps, regime, repeats, seed, b
     if not (tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     return cands, steps
-
-
-def _named(model) -> dict[str, nn.Parameter]:
-    return dict(model.named_parameters())
 
 
 def select_warm_start(model, optimizer, scheduler=None, *, batches: Sequence, eval_batches: Sequence,
@@ -178,7 +174,7 @@ def select_warm_start(model, optimizer, scheduler=None, *, batches: Sequence, ev
     if opt is None:
         raise ValueError("select_warm_start needs the optimizer: candidates differ in their optimizer "
                          "state and are compared after training")
-    cands, steps = _check_args(target, candidates or DEFAULT_CANDIDATES, budget, probe_steps, regime, repeats,
+    cands, steps = _check_args(candidates or DEFAULT_CANDIDATES, budget, probe_steps, regime, repeats,
                                seed, batches, eval_batches, max_grad_norm, tol)
     targets = {k: v for k, v in dict(factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head).items()
                if v is not None} or {"factor": 2}
@@ -226,7 +222,7 @@ def _continue(model, opt, sched, plan, cand: Candidate, repeat: int, seed: int, 
     pair = isinstance(probe, (tuple, list)) and len(probe) == 2 and all(torch.is_tensor(t) for t in probe)
     report = widen_(model, opt, sched, plan=plan, probe_batch=tuple(probe) if pair else None)
     loss0 = evaluate(model, eval_batches, loss_fn)
-    theta0 = {n: p.detach().clone() for n, p in _named(model).items() if n in plan.tensors}
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if n in plan.tensors}
     torch.manual_seed(seed + repeat)  # the dropout stream of this repeat (stochastic regime)
     train_mode = regime == "stochastic"
     was = model.training
@@ -247,7 +243,7 @@ def _continue(model, opt, sched, plan, cand: Candidate, repeat: int, seed: int, 
             losses.append(float(loss.detach()))
             if i == probe_steps:
                 probe_loss = evaluate(model, eval_batches, loss_fn)
-                escape = update_escape(theta0, {n: p.detach() for n, p in _named(model).items() if n in theta0},
+                escape = update_escape(theta0, {n: p.detach() for n, p in model.named_parameters() if n in theta0},
                                        plan)
     finally:
         model.train(was)

@@ -16,12 +16,7 @@ import copy
 import torch
 import torch.nn as nn
 
-
-def _plain(v) -> bool:
-    """Values an adapter sets from the config: numbers, strings, None and their tuples."""
-    if isinstance(v, (bool, int, float, str, type(None))):
-        return True
-    return isinstance(v, (tuple, list)) and all(_plain(x) for x in v)
+from ..growth.adapter import config_attributes
 
 
 def _host(obj):
@@ -45,8 +40,7 @@ class TrainingState:
         self.params = [(p, _host(p), None if p.grad is None else _host(p.grad)) for p in model.parameters()]
         self.attrs, self.buffers = {}, {}
         for name, mod in model.named_modules():
-            self.attrs[name] = {k: copy.deepcopy(v) for k, v in vars(mod).items()
-                                if not k.startswith("_") and k not in ("training", "config") and _plain(v)}
+            self.attrs[name] = copy.deepcopy(config_attributes(mod))  # what Adapter.sync may change
             self.buffers[name] = {k: (None if b is None else (b.device, _host(b)))
                                   for k, b in mod._buffers.items()}
         self.training = {name: mod.training for name, mod in model.named_modules()}
