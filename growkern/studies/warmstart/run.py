@@ -23,7 +23,7 @@ from ..heldout import frozen_copy, param_snapshot, study_data, torch_threads, va
 from ..pool import default_workers, run_units
 from ..presets import get_preset, preset_dict
 from ..progress import Progress, fmt_seconds
-from ..result import StudyResult, default_command
+from ..result import StudyResult, default_command, default_out
 from ..runs import checkpointed_run, fresh_start
 from .design import (PROTOCOL, Candidate, base_configs, continuation_config, equal_compute_steps, planned_runs,
                      validate)
@@ -212,7 +212,7 @@ def run_warmstart(preset="smoke", out=None, data=None, *, device="auto", threads
     from `out`/cache/base. `overrides` replace preset fields (e.g. continuation=64)."""
     p = get_preset("warmstart", preset, **overrides)
     validate(p)
-    out = Path(out) if out is not None else Path("results") / f"warmstart-{p.name}"
+    out = Path(out) if out is not None else default_out("warmstart", p.name)
     check_output(out, "warmstart", preset_dict(p), force=force)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
