@@ -1,4 +1,4 @@
-"""growkern: grow a trained dense causal LM in width, with its whole training state.
+"""growkern: grow a trained dense causal LM in width and depth, with its whole training state.
 
 The package has four wings (README, "Architecture"): the primitive (growkern.kernels),
 the growth library (growkern.growth), what can grow (growkern.models) and the harness
@@ -14,6 +14,7 @@ from .growth.adapter import Adapter, Param, Shape, adapter_for, adapters, regist
 from .growth.maps import DimMap, GrowthPlan
 from .growth.plan import plan_growth
 from .growth.strategies import Strategy, register_strategy, strategies
+from .growth.deepen import deepen_
 from .growth.widen import GrowthReport, widen_
 from .kernels.backends import backends
 from .models.gpt import GPT, GPTConfig
@@ -21,7 +22,7 @@ from .models.gpt import GPT, GPTConfig
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Param", "Shape", "adapter_for", "adapters", "register_adapter", "schedule", "GPT", "GPTConfig",
            "DimMap", "GrowthPlan", "GrowthReport", "Strategy", "backends", "plan_growth", "register_strategy",
-           "strategies", "widen_", "select_warm_start", "hf"]
+           "strategies", "widen_", "deepen_", "select_warm_start", "hf"]
 
 _LAZY = ("hf", "studies")  # modules with heavy imports (transformers; the studies' harness)
 

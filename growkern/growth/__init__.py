@@ -14,4 +14,6 @@ and growkern/cli). Modules, in the order the data flows:
   schedule.py    the LR schedule after growth (continue, rewarm, restart; muP LRs)
   probe.py       step-0 preservation on a probe batch (and the package's one KL)
   widen.py       widen_ and its GrowthReport: the steps above, top to bottom
+  depth.py       plan_depth: which old block each block of a deeper model comes from
+  deepen.py      deepen_: the blocks, their optimizer state and the config, in depth
 """

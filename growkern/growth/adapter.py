@@ -155,6 +155,16 @@ class Adapter:
       the parameters' device).
     config_class: the config type plan_growth may be given instead of a model (it then
       plans on a meta-device build), or None.
+    Depth (deepen_, growkern/growth/deepen.py):
+    layers: the dotted path of the nn.ModuleList of blocks ("model.layers"); None: the one
+      prefix every "<prefix>.<index>." parameter name shares.
+    layer_lists: config attributes holding one entry per layer (Gemma's and Qwen's
+      "layer_types"); a grown config lists each new layer's source's entry.
+    layer_counts: config attributes counting leading layers (Qwen2's "max_window_layers");
+      a grown config counts the new layers whose sources were among them.
+    query_scale_at: (config, layer index) -> the factor a layer multiplies its attention
+      logits by on top of 1/sqrt(head_dim), when it depends on the index (GPT-2's
+      scale_attn_by_inverse_layer_idx: 1/(index+1)); None when it does not.
     """
     name: str
     classes: tuple
@@ -169,6 +179,10 @@ class Adapter:
     config_in_place: bool = True
     finish: Callable[[nn.Module], None] | None = None
     config_class: type | None = None
+    layers: str | None = None
+    layer_lists: tuple = ()
+    layer_counts: tuple = ()
+    query_scale_at: Callable[[object, int], float] | None = None
     _compiled: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -319,13 +333,16 @@ class Adapter:
         else:
             model.config = new_config
 
-    def sync(self, model: nn.Module, ref_old: nn.Module, ref_new: nn.Module) -> list[str]:
+    def sync(self, model: nn.Module, ref_old: nn.Module, ref_new: nn.Module,
+             old_name: Callable[[str], str] | None = None) -> list[str]:
         """Copy to `model` every plain attribute and buffer that differs between the
-        builds from the old and the new config. Returns what was updated."""
+        builds from the old and the new config. `old_name` maps a module's name in the
+        grown model to its source's in the old one (deepen_: a block moved or copied from
+        another index); by default names are kept. Returns what was updated."""
         changed = []
         old_mods, new_mods = dict(ref_old.named_modules()), dict(ref_new.named_modules())
         for name, mod in model.named_modules():
-            a, b = old_mods.get(name), new_mods.get(name)
+            a, b = old_mods.get(old_name(name) if old_name else name), new_mods.get(name)
             if a is None or b is None:
                 continue
             for key, new_val in config_attributes(b).items():

@@ -41,6 +41,11 @@ def validate(model, adapter: Adapter, optimizer, scheduler, plan: GrowthPlan, sc
         if p.device.type == "meta":
             raise ValueError(f"parameter {name} is on the meta device (no values to grow); "
                              f"load or materialize the model first")
+    validate_training_state(model, optimizer, scheduler, schedule, rewarm_steps)
+
+
+def validate_training_state(model, optimizer, scheduler, schedule: str, rewarm_steps, op: str = "widen_"):
+    """The optimizer, scheduler and schedule options any growth (width or depth) takes."""
     if optimizer is not None:
         _validate_optimizer_params(model, optimizer)
         if type(optimizer) not in SUPPORTED_OPTIMIZERS:
@@ -68,7 +73,7 @@ def validate(model, adapter: Adapter, optimizer, scheduler, plan: GrowthPlan, sc
             raise TypeError(f"unsupported scheduler {type(scheduler).__name__}; allowed: "
                             f"torch.optim.lr_scheduler.LRScheduler subclasses")
         if optimizer is None or unwrap_optimizer(scheduler.optimizer) is not optimizer:
-            raise ValueError("the scheduler must drive the optimizer passed to widen_")
+            raise ValueError(f"the scheduler must drive the optimizer passed to {op}")
 
 
 def _validate_optimizer_params(model, optimizer):

@@ -45,11 +45,12 @@ class GrowthReport:
     exact: bool  # the plan claims function preservation at step 0
     preservation: dict | None = None  # max_abs_dlogits, kl_small_wide, dloss (probe_batch given)
     notes: list = field(default_factory=list)
+    operation: str = "widen_"  # or "deepen_"
 
     def __str__(self) -> str:
         dims = "  ".join(f"{k} {self.dims_before[k]}->{self.dims_after[k]}" for k in self.dims_before)
         lines = [
-            f"growkern.widen_  strategy={self.strategy}  backend={self.backend}",
+            f"growkern.{self.operation}  strategy={self.strategy}  backend={self.backend}",
             f"  {dims}",
             f"  parameters {self.params_before:,} -> {self.params_after:,}   "
             f"new state {self.bytes_allocated / 2**20:.1f} MiB   {self.seconds * 1e3:.1f} ms",

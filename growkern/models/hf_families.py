@@ -26,6 +26,10 @@ def _gpt2_init_std(config, name: str, spec: Param) -> float:
     return std / math.sqrt(2 * config.n_layer) if spec.residual_out else std
 
 
+def _gpt2_query_scale(config, index: int) -> float:
+    return 1.0 / (index + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else 1.0
+
+
 def _llama_like(prefix: str = "model") -> dict[str, Param]:
     """Llama, Mistral, Qwen2/3, Gemma2/3: separate q/k/v/o and gate/up/down projections."""
     layer = rf"{prefix}\.layers\.{L}"
@@ -52,11 +56,14 @@ LLAMA_KEYS = dict(d_model="hidden_size", d_ff="intermediate_size", n_head="num_a
                   n_kv_head="num_key_value_heads", head_dim="head_dim", norm_eps="rms_norm_eps",
                   vocab_size="vocab_size", n_layer="num_hidden_layers")
 
+# per-layer config entries: sliding vs full attention (Qwen2/3, Gemma2/3, Mistral where set)
+LAYER_LISTS = dict(layer_lists=("layer_types",), layer_counts=("max_window_layers",))
+
 LLAMA = Adapter(
     name="llama",
     classes=("transformers.LlamaForCausalLM", "transformers.MistralForCausalLM", "transformers.Qwen2ForCausalLM",
              "transformers.Qwen3ForCausalLM"),
-    params=_llama_like(), config_keys=LLAMA_KEYS, init_std=_hf_init_std,
+    params=_llama_like(), config_keys=LLAMA_KEYS, init_std=_hf_init_std, **LAYER_LISTS,
 )
 
 _Q, _KV = ("q", "query"), ("kv", "produce")
@@ -74,7 +81,7 @@ PHI3 = Adapter(
         r"model\.norm\.weight": FINAL_NORM_GAIN,
         r"lm_head\.weight": LM_HEAD,
     },
-    config_keys=LLAMA_KEYS, init_std=_hf_init_std,
+    config_keys=LLAMA_KEYS, init_std=_hf_init_std, **LAYER_LISTS,
 )
 
 GEMMA = Adapter(
@@ -83,6 +90,7 @@ GEMMA = Adapter(
     params=_llama_like(), config_keys=LLAMA_KEYS, init_std=_hf_init_std,
     gain_offset=1.0,  # Gemma's RMSNorm computes x_hat * (1 + weight)
     embed_multiplier=lambda shape: math.sqrt(shape.d_model),  # embeddings times sqrt(hidden_size)
+    **LAYER_LISTS,
 )
 
 GPT2 = Adapter(
@@ -110,7 +118,7 @@ GPT2 = Adapter(
     # n_inner is always written: left None, a reload would build a 4 * n_embd MLP
     config_keys=dict(d_model="n_embd", d_ff="n_inner", n_head="n_head", norm_eps="layer_norm_epsilon",
                      vocab_size="vocab_size", n_layer="n_layer"),
-    norm="layernorm", init_std=_gpt2_init_std,
+    norm="layernorm", init_std=_gpt2_init_std, query_scale_at=_gpt2_query_scale,
 )
 
 for _adapter in (LLAMA, PHI3, GEMMA, GPT2):
