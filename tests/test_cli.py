@@ -40,6 +40,36 @@ def run(capsys, *argv):
 
 
 @needs_real
+def test_grow_in_depth_then_width_and_depth_resumes(tmp_path, capsys):
+    small, deep, both = tmp_path / "small", tmp_path / "deep", tmp_path / "both"
+    assert run(capsys, "train", "--preset", "tiny", "--data", REAL, "--steps", 8, "--stop-at", 4,
+               "--out", small, *FAST)[0] == 0
+    rc, out, _ = run(capsys, "grow", small, "--n-layer", 3, "--positions", 1, "--out", deep)
+    assert rc == 0 and "n_layer 2->3" in out and "blocks [0 1 1z]" in out
+    grown = C.load(deep)
+    assert grown.gpt_config.n_layer == 3 and grown.gpt_config.d_model == 64
+    (entry,) = grown.growth_history
+    assert entry["operation"] == "deepen_" and entry["preservation"]["kl_small_wide"] == 0
+    rc, out, _ = run(capsys, "train", "--resume", deep)
+    assert rc == 0 and "step 8:" in out and C.load(deep).step == 8
+
+    rc, out, _ = run(capsys, "grow", small, "--factor", 2, "--n-layer", 4, "--depth-strategy", "stack",
+                     "--out", both)
+    assert rc == 0 and "d_model 64->128" in out and "n_layer 2->4" in out
+    grown = C.load(both)
+    assert (grown.gpt_config.n_layer, grown.gpt_config.d_model) == (4, 128)
+    assert [e.get("operation", "widen_") for e in grown.growth_history] == ["widen_", "deepen_"]
+    assert run(capsys, "train", "--resume", both)[0] == 0
+
+    for argv, message in [(["--n-layer", 2], "greater than"), (["--positions", "0"], "go with --n-layer"),
+                          (["--n-layer", 3, "--positions", "a"], "block indices"),
+                          (["--factor", 2, "--n-layer", 5, "--depth-strategy", "upscale"], "even")]:
+        rc, _, err = run(capsys, "grow", small, *argv, "--out", tmp_path / "bad")
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
+
+
+@needs_real
 def test_train_grow_continue_eval_sample(tmp_path, capsys):
     small, wide = tmp_path / "small", tmp_path / "wide"
     rc, out, _ = run(capsys, "train", "--preset", "tiny", "--data", REAL, "--steps", 8, "--stop-at", 4,

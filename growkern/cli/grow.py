@@ -1,4 +1,4 @@
-"""`growkern grow`: widen a checkpoint with its optimizer and schedule state.
+"""`growkern grow`: widen (and deepen) a checkpoint with its optimizer and schedule state.
 
 A growkern checkpoint loads, grows with widen_ (step-0 preservation measured on a
 validation batch) and saves with the growth in its history; a distributed (DCP) one
@@ -17,7 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from ..growth.checks import format_bytes, new_state_bytes
+from ..growth.checks import format_bytes, moments, new_state_bytes
+from ..growth.deepen import deepen_
+from ..growth.depth import DEPTH_STRATEGIES, plan_depth
 from ..growth.plan import plan_growth
 from ..growth.strategies import strategies
 from ..growth.widen import widen_
@@ -193,11 +195,48 @@ def _grow_dcp(args, src: Path, out: Path, targets: dict, options: dict) -> int:
     return 0
 
 
+def depth_options(args) -> dict | None:
+    """deepen_'s keywords from --n-layer, --depth-strategy and --positions, or None."""
+    if args.n_layer is None:
+        if args.positions is not None or args.depth_strategy is not None:
+            raise CLIError("--depth-strategy and --positions go with --n-layer N (the new number of blocks)")
+        return None
+    positions = None
+    if args.positions is not None:
+        try:
+            positions = [int(p) for p in args.positions.split(",") if p.strip()]
+        except ValueError:
+            raise CLIError(f"--positions wants old block indices separated by commas (e.g. 1,3), got "
+                           f"{args.positions!r}") from None
+    return dict(n_layer=args.n_layer, strategy=args.depth_strategy or "identity", positions=positions,
+                seed=args.seed)
+
+
+def _announce_depth(ck, depth: dict, out: Path) -> None:
+    """What depth growth (after any width growth) will cost, before it is done."""
+    model, optimizer = ck.model, ck.optimizer
+    layers = model.blocks
+    plan = plan_depth(len(layers), **depth)  # the CLI's own check of the arguments, nothing changed
+    added = [p for j in plan.added for p in layers[plan.sources[j]].parameters()]
+    before = sum(p.numel() for p in model.parameters())
+    after = before + sum(p.numel() for p in added)
+    size = sum(p.numel() * p.element_size() + sum(v.numel() * v.element_size() for v in moments(optimizer, p).values())
+               for p in list(model.parameters()) + added)
+    print(f"growing n_layer {plan.old} -> {plan.new} ({plan.strategy}): {before:,} -> {after:,} parameters "
+          f"(x{after / before:.1f}), checkpoint about {format_bytes(size)}")
+    check_free_space(out, size, "the grown checkpoint")
+
+
 def cmd_grow(args) -> int:
+    depth = depth_options(args)
     if args.rewarm_steps is not None and args.schedule != "rewarm":
         raise CLIError(f"--rewarm-steps goes with --schedule rewarm, not with "
                        f"{f'--schedule {args.schedule}' if args.schedule else 'the default schedule'}")
     kind = checkpoint_kind(args.ckpt)
+    if depth is not None and kind != "growkern":
+        raise CLIError(f"--n-layer: `growkern grow` deepens growkern checkpoints; for {args.ckpt} (a Hugging "
+                       f"Face directory or Trainer checkpoint) load the model, call growkern.deepen_ and "
+                       f"save_pretrained (docs/growth.md, 'Depth')")
     if kind != "growkern":
         return grow_hf(args, kind)
     out = Path(args.out)
@@ -205,31 +244,54 @@ def cmd_grow(args) -> int:
     _check_grow_out(src, out, args.force)
     if args.schedule == "rewarm" and not args.rewarm_steps:
         raise CLIError("--schedule rewarm needs --rewarm-steps N")
-    targets = growth_targets(args.factor, args.d_model, args.d_ff, args.n_head)
+    widths = dict(factor=args.factor, d_model=args.d_model, d_ff=args.d_ff, n_head=args.n_head)
+    widen = depth is None or any(v is not None for v in widths.values())  # --n-layer alone: depth only
+    targets = growth_targets(**widths)
     options = parse_options(args.option)
     taken = sorted(set(options) & {"factor", "d_model", "d_ff", "n_head", "strategy", "seed"})
     if taken:
         raise CLIError(f"--option {taken[0]}=... is a growth argument, not a strategy option; give it as "
                        f"--{taken[0].replace('_', '-')}")
     if src_meta.get("storage") == "dcp":
+        if depth is not None:
+            raise CLIError(f"--n-layer: {src} is a distributed checkpoint, which `growkern grow` widens offline but "
+                           f"does not deepen yet; train --resume it in one process to a file checkpoint first")
         return _grow_dcp(args, src, out, targets, options)
     ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
-    try:
-        plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
-    except TypeError as e:  # a strategy option of the wrong type
-        raise CLIError(str(e)) from None
-    _announce_growth(ck.model, ck.optimizer, plan, out)
     corpus, _ = corpus_for(ck, args.data)
-    report, entry = grow_checkpoint(ck, corpus, **targets, strategy=args.strategy, seed=args.seed,
-                                    schedule=args.schedule, rewarm_steps=args.rewarm_steps,
-                                    options=options, plan=plan)
-    print(report)
-    p = report.preservation
-    print(f"  probe batch loss (validation): small {p['loss_small']:.4f} -> wide {p['loss_wide']:.4f}")
+    history = []
+    if widen:
+        try:
+            plan = plan_growth(ck.model, strategy=args.strategy, seed=args.seed, **targets, **options)
+        except TypeError as e:  # a strategy option of the wrong type
+            raise CLIError(str(e)) from None
+        if depth is not None:
+            plan_depth(len(ck.model.blocks), **depth)  # both growths' arguments checked before either runs
+        _announce_growth(ck.model, ck.optimizer, plan, out)
+        report, entry = grow_checkpoint(ck, corpus, **targets, strategy=args.strategy, seed=args.seed,
+                                        schedule=args.schedule, rewarm_steps=args.rewarm_steps,
+                                        options=options, plan=plan)
+        print(report)
+        p = report.preservation
+        print(f"  probe batch loss (validation): small {p['loss_small']:.4f} -> wide {p['loss_wide']:.4f}")
+        history.append(entry)
+    if depth is not None:
+        _announce_depth(ck, depth, out)
+        device = next(ck.model.parameters()).device
+        report = deepen_(ck.model, ck.optimizer, ck.scheduler, **depth,
+                         probe_batch=_probe_batch(corpus, ck.train_config, device),
+                         schedule="continue" if widen else (args.schedule or "continue"),
+                         rewarm_steps=None if widen else args.rewarm_steps)
+        print(report)
+        p = report.preservation
+        print(f"  probe batch loss (validation): shallow {p['loss_small']:.4f} -> deep {p['loss_wide']:.4f}")
+        entry = dataclasses.asdict(report)
+        entry.update(step=ck.step, source=str(ck.path), positions=depth["positions"], seed=args.seed)
+        history.append(entry)
     ckpt_mod.save(out / "ckpt", ck.model, ck.optimizer, ck.scheduler, step=ck.step,
                   train_config=ck.train_config, data_state=ck.data, rng=ck.rng,
                   tokenizer=ck.tokenizer, tokenizer_file=ck.tokenizer_file,
-                  growth_history=ck.growth_history + [entry], storage=ck.meta.get("storage", "file"))
+                  growth_history=ck.growth_history + history, storage=ck.meta.get("storage", "file"))
     print(f"grown checkpoint at step {ck.step}: {out / 'ckpt'}")
     return 0
 
@@ -267,6 +329,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--rewarm-steps", type=int, metavar="N", help="length of the re-warm ramp")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. noise=0.05, preserving=False)")
+    g.add_argument("--n-layer", type=int, metavar="N",
+                   help="grow in depth to N blocks with growkern.deepen_ (growkern checkpoints; alone it grows "
+                        "depth only, with width targets the width grows first)")
+    g.add_argument("--depth-strategy", choices=DEPTH_STRATEGIES,
+                   help="how the new blocks are made (default identity: copies with zero residual outputs, "
+                        "function preserving)")
+    g.add_argument("--positions", metavar="I,J,...",
+                   help="old blocks after which identity, fresh and interleave put new blocks, one per new "
+                        "block (default: spread evenly)")
     g.add_argument("--data", metavar="PATH", help="data for the validation probe (default: the run's)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--force", action="store_true", help="replace a checkpoint already in OUT/ckpt "

@@ -330,7 +330,11 @@ def join_optimizer(optimizer, layers, blocks, plan: DepthPlan, adapter: Adapter,
 
 def model_order(optimizer, model: nn.Module) -> None:
     """Each group's parameters in the model's order: the order an optimizer built afresh
-    from the grown model has, which state_dict indices (and so checkpoints) depend on."""
-    rank = {id(p): i for i, p in enumerate(model.parameters())}
+    from the grown model has, which state_dict indices (and so checkpoints) depend on;
+    the groups' param_names, where they have them, renamed to match."""
+    named = list(model.named_parameters())
+    rank = {id(p): i for i, (_, p) in enumerate(named)}
     for group in optimizer.param_groups:
         group["params"].sort(key=lambda p: rank.get(id(p), len(rank)))
+        if "param_names" in group:  # torch's named groups (growkern.train's optimizer has them)
+            group["param_names"] = [named[rank[id(p)]][0] for p in group["params"]]
