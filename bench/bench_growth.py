@@ -24,6 +24,11 @@ Models (--model):
 
     python bench/bench_growth.py --d-model 256 --n-layer 4 --repeats 5
     python bench/bench_growth.py --model hf-llama
+    python bench/bench_growth.py --depth 8        # deepen_ 4 -> 8 blocks, every depth strategy
+
+With --depth N, deepen_ is timed instead, per depth strategy, against cloning the added
+blocks' parameters and moments (reading and writing those bytes once); rows carry
+strategy "depth:<name>" and n_layer_after.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ from growkern import GPT, GPTConfig
 from growkern.growth.adapter import adapter_for
 from growkern.kernels.backends import resolve_backend
 from growkern.growth.apply import build_group
+from growkern.growth.deepen import find_layers
+from growkern.growth.depth import DEPTH_STRATEGIES, plan_depth
 
 STRATEGIES = ["exact_copy", "perturb", "asym_reset", "structured", "szp", "scratch"]
 HF_STRATEGIES = ["exact_copy", "perturb"]
@@ -188,13 +195,17 @@ def main(argv=None):
                     help=f"default all (gpt), {' '.join(HF_STRATEGIES)} (hf-llama)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--depth", type=int, metavar="N",
+                    help="benchmark deepen_ to N blocks instead (strategies default to every depth strategy)")
     args = ap.parse_args(argv)
     make_state, default_strategies = MODELS[args.model]
-    strategies = args.strategies or default_strategies
+    strategies = args.strategies or (list(DEPTH_STRATEGIES) if args.depth else default_strategies)
 
     device = torch.device(args.device)
     base_model, base_opt, x, transformers_version = make_state(args, device)
     probe = (x[:, :-1], x[:, 1:])
+    if args.depth:
+        return bench_depth(args, strategies, device, base_model, base_opt, probe, transformers_version)
     plan0 = growkern.plan_growth(base_model, factor=args.factor)
     old_bytes, new_bytes = state_bytes(base_model, base_opt, plan0)
     moved = old_bytes + new_bytes
@@ -252,6 +263,69 @@ def main(argv=None):
               f"build_group {prof['groups_s'] * 1e3:.1f} ms")
     print(f"baseline copy {base_t * 1e3:.1f} ms ({moved / base_t / 1e9:.2f} GB/s), {moved / 2**20:.0f} MiB moved; "
           f"build_reference old + new config {build_ref_t * 1e3:.1f} ms")
+    append_rows(args.out, rows)
+    print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
+
+
+def depth_bytes(model, opt, plan):
+    """Bytes of the blocks deepen_ adds (parameters + AdamW moments, as the copies hold
+    them): the copy baseline reads them once and writes them once."""
+    layers = find_layers(model, adapter_for(model))[1]
+    return sum(p.numel() * sum(t.element_size() for t in (p, *opt.state[p].values()) if t.dim() > 0)
+               for j in plan.added for p in layers[plan.sources[j]].parameters())
+
+
+def depth_copy_baseline(model, opt, plan):
+    """The floor: clone each added block's source parameters and moments once."""
+    layers = find_layers(model, adapter_for(model))[1]
+    sources = [layers[plan.sources[j]] for j in plan.added]
+
+    def run():
+        return [[t.clone() for p in block.parameters() for t in (p.data, *opt.state[p].values()) if t.dim() > 0]
+                for block in sources]
+    return run
+
+
+def bench_depth(args, strategies, device, base_model, base_opt, probe, transformers_version):
+    """deepen_ to --depth blocks per strategy against cloning the added blocks' state."""
+    n_old = len(find_layers(base_model, adapter_for(base_model))[1])
+    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for strategy in strategies:
+        plan = plan_depth(n_old, n_layer=args.depth, strategy=strategy)
+        added = depth_bytes(base_model, base_opt, plan)
+        moved = 2 * added
+
+        def grow(probe_batch=None):
+            model, opt = fresh_copy(base_model, base_opt)
+            return lambda: growkern.deepen_(model, opt, n_layer=args.depth, strategy=strategy,
+                                            probe_batch=probe_batch)
+        rep = grow(probe)()  # untimed: preservation, and a warm-up of the allocator for both timings
+        gc.collect()
+        baseline = depth_copy_baseline(base_model, base_opt, plan)
+        baseline()
+        base_t = time_it(lambda: baseline, args.repeats, device)[0]
+        med, lo, hi, reports = time_it(grow, args.repeats, device)
+        report_t = statistics.median(r.seconds for r in reports)
+        p = rep.preservation
+        rows.append({
+            "date": stamp, "commit": git_commit(), "device": device_name(device),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "backend": rep.backend, "strategy": f"depth:{strategy}", "factor": f"{args.depth / n_old:g}",
+            "d_model": getattr(base_model.config, "d_model", getattr(base_model.config, "hidden_size", "")),
+            "n_layer": n_old, "params_before": rep.params_before, "params_after": rep.params_after,
+            "bytes_moved": moved, "median_s": f"{med:.6f}", "q25_s": f"{lo:.6f}", "q75_s": f"{hi:.6f}",
+            "baseline_copy_s": f"{base_t:.6f}", "ratio_vs_copy": f"{med / base_t:.2f}",
+            "GBps": f"{moved / med / 1e9:.3f}", "baseline_GBps": f"{moved / base_t / 1e9:.3f}",
+            "max_abs_dlogits": f"{p['max_abs_dlogits']:.3e}", "kl_small_wide": f"{p['kl_small_wide']:.3e}",
+            "dloss": f"{p['dloss']:+.4f}", "exact": rep.exact,
+            "model": args.model, "transformers": transformers_version, "repeats": args.repeats,
+            "report_s": f"{report_t:.6f}", "kernels_s": "", "groups_s": "", "build_reference_s": "",
+            "n_layer_after": args.depth,
+        })
+        print(f"depth {strategy:10s} {med * 1e3:8.1f} ms [{lo * 1e3:.1f}, {hi * 1e3:.1f}]  x{med / base_t:5.1f} of "
+              f"cloning the {added / 2**20:.0f} MiB added ({base_t * 1e3:.1f} ms)  max|dlogits| "
+              f"{p['max_abs_dlogits']:.2e}  dloss {p['dloss']:+.4f}")
     append_rows(args.out, rows)
     print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
 
