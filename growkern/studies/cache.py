@@ -104,4 +104,4 @@ def check_output(out, study: str, preset: dict, corpus_key: str | None = None, f
     else:
         what = f"results on other data ({held.get('data')})"
     raise ValueError(f"{out} holds {what}; this {study} run would replace its report: give another "
-                     f"--out, or --force to replace it")
+                     f"--out folder, or --force to replace it")
