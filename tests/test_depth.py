@@ -229,3 +229,28 @@ def test_plan_places_new_blocks_evenly_and_as_the_papers_do():
     assert plan_depth(3, n_layer=6, strategy="stack").sources == (0, 1, 2, 0, 1, 2)
     assert plan_depth(32, n_layer=48, strategy="upscale").sources == tuple(range(24)) + tuple(range(8, 32))
     assert plan_depth(2, n_layer=6, strategy="identity").sources == (0, 0, 0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+], ids=["foreach", "fused", "amsgrad", "sgd"])
+def test_every_supported_optimizer_steps_after_depth_growth(make_opt):
+    cfg = growkern.GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, d_model=12)
+    torch.manual_seed(0)
+    model = growkern.GPT(cfg)
+    opt = make_opt(model.parameters())
+    x = batch(seed=8, T=16)
+    model(x, x)[1].backward()
+    opt.step()
+    opt.zero_grad()
+    growkern.deepen_(model, opt, n_layer=4, strategy="interleave")
+    copy_of = model.blocks[1].attn.q_proj.weight  # block 0's copy
+    for k, v in opt.state[model.blocks[0].attn.q_proj.weight].items():
+        assert torch.equal(opt.state[copy_of][k], v)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(x, x)[1].backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
