@@ -29,6 +29,8 @@ from transformers.utils import logging
 from .growth import schedule as schedule_mod
 from .growth.adapter import adapter_for
 from .growth.checks import new_state_bytes
+from .growth.deepen import deepen_, deepened_shapes, find_layers
+from .growth.depth import DEPTH_STRATEGIES, plan_depth
 from .growth.plan import plan_growth
 from .growth.strategies import make_strategy
 from .growth.widen import widen_
@@ -52,12 +54,22 @@ def _check_int(name, value, low, high=None):
         raise ValueError(f"GrowthCallback: {name} must be {allowed}, got {value!r}")
 
 
-def _validate(at_step, targets, strategy, seed, schedule, rewarm_steps, strategy_options):
+def _validate(at_step, targets, strategy, seed, schedule, rewarm_steps, strategy_options, depth=None):
     """Everything that can be checked without the model, so that a bad argument fails
     when the callback is made, not after `at_step` steps of training."""
     _check_int("at_step", at_step, 1)
-    if all(v is None for v in targets.values()):
-        raise ValueError("GrowthCallback: give a growth target: factor= (e.g. 2) and/or d_model=, d_ff=, n_head=")
+    if all(v is None for v in targets.values()) and depth is None:
+        raise ValueError("GrowthCallback: give a growth target: factor= (e.g. 2) and/or d_model=, d_ff=, n_head= "
+                         "(width), n_layer= (depth)")
+    if depth is not None:
+        _check_int("n_layer", depth["n_layer"], 2)
+        if depth["strategy"] not in DEPTH_STRATEGIES:
+            raise ValueError(f"GrowthCallback: depth_strategy must be one of {', '.join(DEPTH_STRATEGIES)}, "
+                             f"got {depth['strategy']!r}")
+        positions = depth["positions"]
+        if positions is not None and not (isinstance(positions, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in positions)):
+            raise ValueError(f"GrowthCallback: positions must be a list of block indices, got {positions!r}")
     factor = targets["factor"]
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                or not math.isfinite(factor) or factor < 1):
@@ -87,7 +99,10 @@ def _validate(at_step, targets, strategy, seed, schedule, rewarm_steps, strategy
 class GrowthCallback(TrainerCallback, ExportableState):
     """Grow the model in width at the end of global step `at_step`, with the Trainer's
     optimizer state and LR scheduler, in place: the Trainer keeps stepping the same
-    nn.Parameter objects, now wider. Arguments as growkern.widen_.
+    nn.Parameter objects, now wider. Arguments as growkern.widen_; with n_layer= (and
+    depth_strategy=, positions=, as growkern.deepen_'s n_layer, strategy, positions) it
+    also grows in depth, after the width and in the same step, and the new blocks'
+    parameters join the Trainer's optimizer. n_layer alone grows depth only.
 
     It grows once. The step it grew at goes into trainer_state.json (the callback is
     an ExportableState), and a run resumed from a checkpoint at or past `at_step`
@@ -115,30 +130,41 @@ class GrowthCallback(TrainerCallback, ExportableState):
 
     def __init__(self, at_step: int, factor=None, d_model=None, d_ff=None, n_head=None,
                  strategy: str = "exact_copy", seed: int = 0, schedule: str = "continue",
-                 rewarm_steps: int | None = None, **strategy_options):
+                 rewarm_steps: int | None = None, n_layer: int | None = None, depth_strategy: str = "identity",
+                 positions=None, **strategy_options):
         targets = dict(factor=factor, d_model=d_model, d_ff=d_ff, n_head=n_head)
-        _validate(at_step, targets, strategy, seed, schedule, rewarm_steps, strategy_options)
+        depth = None if n_layer is None else dict(
+            n_layer=n_layer, strategy=depth_strategy, positions=None if positions is None else list(positions))
+        _validate(at_step, targets, strategy, seed, schedule, rewarm_steps, strategy_options, depth)
         self.at_step = at_step
         self.targets = {k: v for k, v in targets.items() if v is not None}
+        self.depth = depth  # deepen_'s n_layer, strategy, positions; after the width growth, if any
         self.strategy, self.seed, self.schedule, self.rewarm_steps = strategy, seed, schedule, rewarm_steps
         self.strategy_options = dict(strategy_options)
         # the global step the growth happened at, and by whom (GROWN_BY_*): this callback,
         # `growkern grow` (recorded in the checkpoint), or loading a grown checkpoint
         self.grown_at: int | None = None
         self.grown_by: str | None = None
-        self.report = None  # the GrowthReport, in the process that grew
+        self.report = None  # the GrowthReport, in the process that grew (the depth one: depth_report)
+        self.depth_report = None
         self.skipped_because: str | None = None  # why this run does not grow (the widths are the targets)
         self._load_hook = None  # on the model from on_init_end to on_train_begin
         self._grown_on_load = False
 
     def __repr__(self) -> str:
         options = {**self.targets, "strategy": self.strategy, **self.strategy_options}
+        if self.depth is not None:
+            options = {**(options if self.targets else {}), "n_layer": self.depth["n_layer"],
+                       "depth_strategy": self.depth["strategy"]}
         return f"GrowthCallback(at_step={self.at_step}, {', '.join(f'{k}={v!r}' for k, v in options.items())})"
 
     def state(self) -> dict:
         # args rebuild the callback (Trainer's restore_callback_states_from_checkpoint)
+        depth = {} if self.depth is None else {"n_layer": self.depth["n_layer"], "depth_strategy": self.depth["strategy"],
+                                               "positions": self.depth["positions"]}
         return {"args": {"at_step": self.at_step, **self.targets, "strategy": self.strategy, "seed": self.seed,
-                         "schedule": self.schedule, "rewarm_steps": self.rewarm_steps, **self.strategy_options},
+                         "schedule": self.schedule, "rewarm_steps": self.rewarm_steps, **depth,
+                         **self.strategy_options},
                 "attributes": {"grown_at": self.grown_at, "grown_by": self.grown_by}}
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -155,35 +181,64 @@ class GrowthCallback(TrainerCallback, ExportableState):
         if prefix:  # the root module's load only: state_dict holds every parameter
             return
         params = dict(model.named_parameters())
-        saved = {n: tuple(t.shape) for n, t in state_dict.items() if n in params and torch.is_tensor(t)}
-        differ = [n for n, shape in saved.items() if shape != tuple(params[n].shape)]
+        plan, grown = self._grown_shapes(model) if self.grown_at is None else (None, None)
+        known = set(params) | set(grown or ())
+        saved = {n: tuple(t.shape) for n, t in state_dict.items() if n in known and torch.is_tensor(t)}
+        differ = [n for n, shape in saved.items() if n not in params or shape != tuple(params[n].shape)]
         if not differ:
             return
-        grown = None
-        if self.grown_at is None:
-            try:
-                plan = plan_growth(model, **self.targets, strategy=self.strategy, seed=self.seed,
-                                   **self.strategy_options)
-            except (TypeError, ValueError):
-                plan = None
-            if plan is not None:
-                grown = {n: tuple(tp.stored(tp.new_shape)) for n, tp in plan.tensors.items()}
-                if all(grown.get(n) == shape for n, shape in saved.items()):
-                    before = plan.old.widths()
-                    widen_(model, plan=plan)
-                    self._grown_on_load = True
-                    logger.warning(f"{self!r}: the checkpoint being loaded holds the grown model "
-                                   f"({_dims(before, plan.new.widths())}); grew the model given to the "
-                                   f"Trainer the same way before loading it")
-                    return
+        if grown is not None and all(grown.get(n) == shape for n, shape in saved.items()):
+            before = (adapter_for(model).shape(model).widths(), len(find_layers(model, adapter_for(model))[1]))
+            self._grow(model, plan)
+            after = (adapter_for(model).shape(model).widths(), len(find_layers(model, adapter_for(model))[1]))
+            self._grown_on_load = True
+            logger.warning(f"{self!r}: the checkpoint being loaded holds the grown model "
+                           f"({_dims({**before[0], 'n_layer': before[1]}, {**after[0], 'n_layer': after[1]})}); "
+                           f"grew the model given to the Trainer the same way before loading it")
+            return
         name = differ[0]
+        here = list(params[name].shape) if name in params else "absent"
         raise ValueError(
             f"{self!r}: the checkpoint being loaded does not fit this {type(model).__name__}: {name} is "
-            f"{list(saved[name])} in the checkpoint, {list(params[name].shape)} in the model"
+            f"{list(saved[name])} in the checkpoint, {here} in the model"
             + (f" (and {list(grown[name])} after this callback's growth)" if grown and name in grown else "")
             + ". Build the model from the checkpoint you resume, whose config.json has its widths: "
               "model = AutoModelForCausalLM.from_pretrained(checkpoint), then "
               "Trainer(model=model, ...).train(resume_from_checkpoint=checkpoint)")
+
+    def _grown_shapes(self, model):
+        """(width plan or None, parameter name -> shape after this callback's growth), or
+        (None, None) when it cannot grow this model."""
+        try:
+            plan = None
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            if self.targets:
+                plan = plan_growth(model, **self.targets, strategy=self.strategy, seed=self.seed,
+                                   **self.strategy_options)
+                shapes = {n: tuple(tp.stored(tp.new_shape)) for n, tp in plan.tensors.items()}
+            if self.depth is not None:
+                path, layers = find_layers(model, adapter_for(model))
+                shapes = deepened_shapes(shapes, path, plan_depth(len(layers), **self.depth, seed=self.seed))
+            return plan, shapes
+        except (TypeError, ValueError):
+            return None, None
+
+    def _grow(self, model, plan=None, optimizer=None, lr_scheduler=None):
+        """This callback's growth: width (widen_), then depth (deepen_), as it was set up.
+        Returns their GrowthReports (None for a growth not asked for)."""
+        widened = bool(self.targets)
+        report = depth_report = None
+        if widened:
+            kw = dict(plan=plan) if plan is not None else dict(**self.targets, strategy=self.strategy,
+                                                                seed=self.seed, **self.strategy_options)
+            report = widen_(model, optimizer, lr_scheduler, schedule=self.schedule if optimizer else None,
+                            rewarm_steps=self.rewarm_steps if optimizer else None, **kw)
+        if self.depth is not None:
+            last = not widened and optimizer is not None
+            depth_report = deepen_(model, optimizer, lr_scheduler, **self.depth, seed=self.seed,
+                                   schedule=self.schedule if last else "continue",
+                                   rewarm_steps=self.rewarm_steps if last else None)
+        return report, depth_report
 
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         if self._load_hook is not None:  # the checkpoint is loaded: later loads are none of its business
@@ -225,7 +280,10 @@ class GrowthCallback(TrainerCallback, ExportableState):
     def _check_plan(self, model):
         """Plan the growth now, so that targets this model cannot take fail before training does."""
         try:
-            plan_growth(model, **self.targets, strategy=self.strategy, seed=self.seed, **self.strategy_options)
+            if self.targets:
+                plan_growth(model, **self.targets, strategy=self.strategy, seed=self.seed, **self.strategy_options)
+            if self.depth is not None:
+                plan_depth(len(find_layers(model, adapter_for(model))[1]), **self.depth, seed=self.seed)
         except (TypeError, ValueError) as e:
             raise type(e)(f"GrowthCallback(at_step={self.at_step}) cannot grow this {type(model).__name__}: "
                           f"{e}") from None
@@ -253,10 +311,13 @@ class GrowthCallback(TrainerCallback, ExportableState):
         try:
             adapter = adapter_for(model)
             widths = adapter.shape(model).widths()
+            if self.depth is not None:
+                widths["n_layer"] = len(find_layers(model, adapter)[1])
         except (TypeError, ValueError):
             return None  # _check_plan says what is wrong with this model
-        if all(widths[k] == v for k, v in self.targets.items()):
-            return f"the model has the target widths already ({', '.join(f'{k} {v}' for k, v in self.targets.items())})"
+        targets = {**self.targets, **({"n_layer": self.depth["n_layer"]} if self.depth else {})}
+        if all(widths[k] == v for k, v in targets.items()):
+            return f"the model has the target widths already ({', '.join(f'{k} {v}' for k, v in targets.items())})"
         return None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -265,12 +326,12 @@ class GrowthCallback(TrainerCallback, ExportableState):
         # model, optimizer and lr_scheduler are the objects Trainer steps: the model
         # unwrapped, accelerate's AcceleratedOptimizer around the torch optimizer, and
         # the scheduler driving that wrapper; widen_ unwraps what it needs.
-        self.report = widen_(model, optimizer, lr_scheduler, **self.targets, strategy=self.strategy,
-                             seed=self.seed, schedule=self.schedule, rewarm_steps=self.rewarm_steps,
-                             **self.strategy_options)
+        self.report, self.depth_report = self._grow(model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.grown_at, self.grown_by = state.global_step, GROWN_BY_CALLBACK
-        state.log_history.append(_log_entry(self.report, state.epoch, state.global_step))
-        print(f"step {state.global_step}: {self.report}")
+        for report in (self.report, self.depth_report):
+            if report is not None:
+                state.log_history.append(_log_entry(report, state.epoch, state.global_step))
+                print(f"step {state.global_step}: {report}")
 
 
 def _dims(before: dict, after: dict) -> str:

@@ -244,6 +244,9 @@ def test_targets_the_model_cannot_take_fail_before_training(tmp_path):
     (dict(at_step=3, factor=2, schedule="warm"), "schedule"),
     (dict(at_step=3, factor=2, schedule="rewarm"), "rewarm_steps"),
     (dict(at_step=3, factor=2, rewarm_steps=5), "rewarm_steps"),
+    (dict(at_step=3, n_layer=1), "n_layer"),
+    (dict(at_step=3, n_layer=4, depth_strategy="tall"), "depth_strategy"),
+    (dict(at_step=3, n_layer=4, positions="0"), "positions"),
 ])
 def test_callback_arguments_are_checked_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -380,3 +383,39 @@ def test_grow_checks_the_free_space_first_in_a_sensible_unit(source, capsys, mon
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=5000))
     err = refused_untouched(capsys, source, words=("4.88 KiB free; nothing was written",))
     assert "GiB" not in err
+
+
+def test_callback_grows_width_and_depth_in_one_step_and_the_same_script_resumes(tmp_path, capsys):
+    def callback():
+        return GrowthCallback(at_step=2, factor=2, n_layer=4, depth_strategy="identity")
+
+    full = trainer_for(gpt2(), tmp_path / "full", [callback()], save_strategy="steps", save_steps=3)
+    full.train()
+    model = full.model
+    assert (model.config.n_embd, model.config.n_layer, len(model.transformer.h)) == (32, 4, 4)
+    assert [a.attn.layer_idx for a in model.transformer.h] == [0, 1, 2, 3]
+    opt = full.optimizer.optimizer
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    steps = {n: float(opt.state[p]["step"]) for n, p in model.named_parameters()}
+    assert steps["transformer.h.1.attn.c_proj.weight"] == 4  # identity's zeroed outputs: fresh at step 2
+    assert steps["transformer.h.1.attn.c_attn.weight"] == 6  # their inputs: copied moments and step
+    assert [(r["growth_strategy"], r["step"]) for r in growths(full)] == [("exact_copy", 2), ("identity", 2)]
+    assert "growkern.deepen_" in capsys.readouterr().out
+
+    ckpt = tmp_path / "full" / "checkpoint-3"  # the grown model, from the first run's script
+    small, cb = gpt2(), callback()
+    resumed = trainer_for(small, tmp_path / "resumed", [cb])
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert (small.config.n_embd, small.config.n_layer) == (32, 4) and cb.grown_by == "GrowthCallback"
+    want, got = logged(full, "loss"), logged(resumed, "loss")
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_callback_grows_depth_alone_mid_run(tmp_path):
+    model = llama()
+    trainer = trainer_for(model, tmp_path, [GrowthCallback(at_step=3, n_layer=2, depth_strategy="interleave")])
+    trainer.train()
+    assert model.config.num_hidden_layers == 2 and trainer.state.global_step == 6
+    assert_moments_fit(trainer, steps=6)  # interleave copies every moment with its step
+    (entry,) = growths(trainer)
+    assert (entry["growth_n_layer_before"], entry["growth_n_layer_after"]) == (1, 2)

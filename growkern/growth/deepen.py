@@ -198,6 +198,22 @@ def apply_depth_config(adapter: Adapter, model: nn.Module, new_config, plan: Dep
             setattr(model.config, attr, copy.deepcopy(getattr(new_config, attr)))
 
 
+def deepened_shapes(shapes: dict, path: str, plan: DepthPlan) -> dict:
+    """Parameter name -> shape after the depth growth of `plan`, from the names and shapes
+    before it: block j's parameters are block sources[j]'s."""
+    prefix = path + "." if path else ""
+    out = {}
+    for n, shape in shapes.items():
+        index, _, rest = n[len(prefix):].partition(".") if n.startswith(prefix) else ("", "", "")
+        if not index.isdigit():
+            out[n] = shape
+    for j, s in enumerate(plan.sources):
+        for n, shape in shapes.items():
+            if n.startswith(f"{prefix}{s}."):
+                out[f"{prefix}{j}." + n[len(f"{prefix}{s}."):]] = shape
+    return out
+
+
 def check_references(model, path: str, plan: DepthPlan, ref_old, ref_new) -> None:
     """The class built from the old config is the model; built from the new one, it has
     exactly the grown model's parameters (so the config expresses the new depth)."""
@@ -207,16 +223,7 @@ def check_references(model, path: str, plan: DepthPlan, ref_old, ref_new) -> Non
         diff = sorted(set(live.items()) ^ set(old.items()))[:3]
         raise ValueError(f"{type(model).__name__} built from its own config does not have the model's "
                          f"parameters (differences: {diff}); the model must be what its config describes")
-    prefix = path + "." if path else ""
-    want = {}
-    for n, shape in live.items():
-        index, _, rest = n[len(prefix):].partition(".") if n.startswith(prefix) else ("", "", "")
-        if not index.isdigit():
-            want[n] = shape
-    for j, s in enumerate(plan.sources):
-        for n, shape in live.items():
-            if n.startswith(f"{prefix}{s}."):
-                want[f"{prefix}{j}." + n[len(f"{prefix}{s}."):]] = shape
+    want = deepened_shapes(live, path, plan)
     got = {n: tuple(p.shape) for n, p in ref_new.named_parameters()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:3]
