@@ -139,8 +139,11 @@ def _train_and_grow(rank, world, strategy, log_path=None, grad_accum=1, grow_at=
         # the single-process growth of a copy of the same state, to compare bit for bit
         twin, twin_opt, twin_sched = _plain_twin(gpt, opt, sched, tcfg)
         kw = dict(factor=2, strategy=strategy, seed=7, probe_batch=batches.batch(20_000))  # probes: forwards
-        twin_report = growkern.widen_(twin, twin_opt, twin_sched, **kw)
-        report = growkern.widen_(model, opt, sched, **kw)
+        grow = growkern.widen_
+        if strategy.startswith("depth:"):
+            grow, kw = growkern.deepen_, {**kw, "factor": None, "n_layer": 4, "strategy": strategy[6:]}
+        twin_report = grow(twin, twin_opt, twin_sched, **kw)
+        report = grow(model, opt, sched, **kw)
         out["notes"] = report.notes
         assert report.preservation == pytest.approx(twin_report.preservation, rel=1e-9, abs=1e-12)
         out["grown"], out["twin"] = _state(gpt, opt), _state(twin, twin_opt)
@@ -230,6 +233,24 @@ def test_ddp_widen_mid_training_equals_the_single_process_run(strategy):
     _assert_close_states(ddp[0]["final"], single["final"])
     up = ddp[0]["grown"]["blocks.0.mlp.up.weight"]  # (128, 32): rows 64.. copy rows ..63
     assert np.array_equal(up[:64], up[64:]) == (strategy == "exact_copy")  # perturb: noise, same on each rank
+
+
+@pytest.mark.parametrize("strategy", ["depth:identity", "depth:interleave"])
+def test_ddp_deepen_mid_training_equals_the_single_process_run(strategy):
+    """deepen_ of the DDP wrapper mid-training: the new blocks' gradients are averaged
+    too (identical on both ranks), the growth is the single process's bit for bit, and
+    the curve equals the single-process run that grows at the same step."""
+    ddp = run_ranks(_train_and_grow, 2, args=(strategy,), timeout=120)
+    single, = run_ranks(_train_and_grow, 1, args=(strategy,), timeout=120)
+    for r in ddp:
+        _assert_equal_states(r["grown"], r["twin"])
+        assert any("new Reducer" in n for n in r["notes"])
+    assert "blocks.3.attn.o_proj.weight" in ddp[0]["grad"]
+    _assert_equal_states(ddp[0]["grad"], ddp[1]["grad"])
+    _assert_equal_states(ddp[0]["final"], ddp[1]["final"])
+    _assert_close_states(ddp[0]["grad"], single["grad"])
+    _assert_close_records(_records(ddp[0]["hist"]), _records(single["hist"]))
+    _assert_close_states(ddp[0]["final"], single["final"])
 
 
 def _grow_inner_module(rank, world):

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import checks
 from .adapter import Adapter, adapter_for
 from .depth import FRESH, KEEP, ZERO_OUT, DepthPlan, plan_depth
-from .placement import SingleProcess, placement_for
+from .placement import Sharded, placement_for
 from .probe import check_probe, preservation, probe_logits
 from .schedule import apply_schedule, check_restartable
 from .widen import GrowthReport, _num_params
@@ -38,7 +38,10 @@ from .wrappers import unwrap, unwrap_optimizer, unwrap_scheduler
 def deepen_(model, optimizer=None, scheduler=None, *, n_layer: int | None = None, factor: float | None = None,
             strategy: str = "identity", positions=None, seed: int = 0, probe_batch=None,
             schedule: str = "continue", rewarm_steps: int | None = None, backend: str = "auto") -> GrowthReport:
-    """Grow `model` in depth in place, with its optimizer state and LR schedule.
+    """Grow `model` in depth in place, with its optimizer state and LR schedule. A
+    DistributedDataParallel model grows on every rank (a collective, as widen_: each rank
+    calls it with the same arguments between optimizer steps) and its Reducer is rebuilt
+    over the new parameter list; FSDP2 models are refused for now.
 
     `model`: any model widen_ grows (growkern.GPT, the Hugging Face families, registered
     adapters). `n_layer` (or `factor` x the current depth) is the new number of blocks;
@@ -54,10 +57,11 @@ def deepen_(model, optimizer=None, scheduler=None, *, n_layer: int | None = None
     copy does at the memory's speed. Raises ValueError/TypeError/MemoryError, with
     nothing changed, on anything it cannot do."""
     t0 = time.perf_counter()
-    if type(placement_for(model)) is not SingleProcess:
-        raise TypeError("deepen_ cannot yet grow a DistributedDataParallel or FSDP2 model in place: it adds "
-                        "parameters the wrapper does not know. Grow the checkpoint offline (growkern grow), "
-                        "or the unwrapped model on every rank before wrapping it (docs/distributed.md)")
+    placement = placement_for(model)  # one process, or DDP replicas (every rank grows the same way)
+    if isinstance(placement, Sharded):
+        raise TypeError("deepen_ cannot yet grow an FSDP2 (fully_shard) model in place: the new blocks would "
+                        "need their own fully_shard. Grow the checkpoint (growkern grow --n-layer), or the "
+                        "model before sharding it")
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"deepen_ grows a torch.nn.Module; got {type(model).__name__}")
@@ -83,6 +87,7 @@ def deepen_(model, optimizer=None, scheduler=None, *, n_layer: int | None = None
             raise ValueError(f"parameter {name} is on the meta device (no values to grow); "
                              f"load or materialize the model first")
     checks.validate_training_state(model, optimizer, scheduler, schedule, rewarm_steps, op="deepen_")
+    placement.check(model, None)
     if schedule == "restart":
         check_restartable(scheduler)
     new_config = new_depth_config(adapter, model.config, plan)
@@ -101,6 +106,7 @@ def deepen_(model, optimizer=None, scheduler=None, *, n_layer: int | None = None
               for j, (s, kind) in enumerate(zip(plan.sources, plan.kinds))]
 
     # --- from here on, state changes ---
+    placement.release()
     if optimizer is not None:
         join_optimizer(optimizer, layers, blocks, plan, adapter, path)
     rescale_queries(blocks, plan, adapter, path, shape, model.config, new_config, optimizer)
@@ -112,6 +118,7 @@ def deepen_(model, optimizer=None, scheduler=None, *, n_layer: int | None = None
     apply_depth_config(adapter, model, new_config, plan)
     adapter.sync(model, ref_old, ref_new, old_name=lambda name: _source_name(name, path, plan))
     notes = [f"blocks {plan.describe()} (old index of each; c copy, z residual outputs zero, f fresh)"]
+    notes += placement.finish(model)  # DDP: a Reducer over the new parameter list
     notes += apply_schedule(optimizer, scheduler, None, new_config, schedule, rewarm_steps)
     if not plan.exact:
         notes.append(f"not function preserving at step 0: {plan.strategy} puts copies of trained blocks "

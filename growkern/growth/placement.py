@@ -244,6 +244,8 @@ def rebuild_reducer(ddp: DDP) -> None:
     rebuild run again at the next forward. Collective: checks on every rank that every
     rank holds the same grown shapes and values (a rank grown differently is an error
     on all ranks, not silently diverging replicas)."""
+    # the parameter list DDP keeps from its construction (deepen_ adds parameters)
+    ddp._module_parameters = [p for n, p in ddp.module.named_parameters() if n not in ddp.parameters_to_ignore]
     params, sparse = ddp._build_params_for_reducer()
     _verify_param_shape_across_processes(ddp.process_group, params)
     _check_same_values(ddp)
