@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .growth import schedule as schedule_mod
 from .growth.adapter import adapter_for
-from .growth.checks import new_state_bytes
+from .growth.checks import moments, new_state_bytes
 from .growth.deepen import deepen_, deepened_shapes, find_layers
 from .growth.depth import DEPTH_STRATEGIES, plan_depth
 from .growth.plan import plan_growth
@@ -533,7 +533,8 @@ def record_growth(trainer_state: dict, report) -> dict:
 WIDEN_KEYWORDS = ("schedule", "rewarm_steps", "backend")
 
 
-def grow_saved(path, out, *, device="cpu", before_write=None, **widen_kwargs):
+def grow_saved(path, out, *, device="cpu", before_write=None, n_layer=None, depth_strategy="identity",
+               positions=None, **widen_kwargs):
     """Grow the model directory or Trainer checkpoint `path` into the new directory
     `out`: the grown model (save_pretrained, safetensors) and, where `path` has one,
     the grown optimizer.pt; trainer_state.json with the growth recorded (record_growth);
@@ -544,7 +545,10 @@ def grow_saved(path, out, *, device="cpu", before_write=None, **widen_kwargs):
     growth and checks the disk): entry has dims_before, dims_after, params_before,
     params_after and bytes, about what `out` will hold. `out` is written whole or not at
     all; a full disk is a one-line WriteError. Returns the GrowthReport, with the step-0
-    preservation measured on random tokens (probe_tokens)."""
+    preservation measured on random tokens (probe_tokens). With n_layer (depth_strategy,
+    positions) the model also grows in depth with deepen_, after the width when widths
+    are given too (then the width's report is returned; both are recorded); n_layer
+    alone grows depth only and returns deepen_'s report."""
     src, out = Path(path), Path(out)
     check_out(src, out)
     has_optimizer = (src / OPTIMIZER).is_file()
@@ -554,20 +558,46 @@ def grow_saved(path, out, *, device="cpu", before_write=None, **widen_kwargs):
     model = load_model(src, device)
     optimizer = load_trainer_optimizer(src, model, device) if has_optimizer else None
     widen_only = {k: widen_kwargs.pop(k) for k in WIDEN_KEYWORDS if k in widen_kwargs}
-    plan = plan_growth(model, **widen_kwargs)
+    widen = n_layer is None or any(widen_kwargs.get(k) is not None for k in ("factor", "d_model", "d_ff", "n_head"))
+    plan = plan_growth(model, **widen_kwargs) if widen else None
+    depth = None
+    if n_layer is not None:
+        layers = find_layers(model, adapter_for(model))[1]
+        depth = plan_depth(len(layers), n_layer=n_layer, strategy=depth_strategy, positions=positions,
+                           seed=widen_kwargs.get("seed", 0))
     if before_write is not None:
-        before_write({"dims_before": plan.old.widths(), "dims_after": plan.new.widths(),
-                      "params_before": sum(p.numel() for p in model.parameters()),
-                      "params_after": sum(math.prod(tp.new_shape) for tp in plan.tensors.values()),
-                      "bytes": new_state_bytes(model, optimizer, plan) + sum(f.stat().st_size for f in rest)})
-    report = widen_(model, optimizer, plan=plan, probe_batch=probe_tokens(model, plan.seed), **widen_only)
+        n0 = sum(p.numel() for p in model.parameters())
+        n1 = sum(math.prod(tp.new_shape) for tp in plan.tensors.values()) if plan else n0  # after the width
+        size = new_state_bytes(model, optimizer, plan) if plan else sum(
+            p.numel() * (p.element_size() + sum(v.element_size() for v in moments(optimizer, p).values()))
+            for p in model.parameters())
+        before, after = (plan.old.widths(), plan.new.widths()) if plan else ({}, {})
+        n2 = n1
+        if depth is not None:  # each added block grows with the width as the others do
+            n2 += round(sum(p.numel() for j in depth.added for p in layers[depth.sources[j]].parameters()) * n1 / n0)
+            before, after = {**before, "n_layer": depth.old}, {**after, "n_layer": depth.new}
+        before_write({"dims_before": before, "dims_after": after, "params_before": n0, "params_after": n2,
+                      "bytes": round(size * n2 / n1) + sum(f.stat().st_size for f in rest)})
+    reports = []
+    if plan is not None:
+        reports.append(widen_(model, optimizer, plan=plan, probe_batch=probe_tokens(model, plan.seed), **widen_only))
+    if depth is not None:
+        reports.append(deepen_(model, optimizer, n_layer=n_layer, strategy=depth_strategy, positions=positions,
+                               seed=depth.seed, probe_batch=probe_tokens(model, depth.seed),
+                               **({} if plan is not None else widen_only)))
+    report = reports[0]
+    if len(reports) == 2:  # the width's report, with the depth growth that followed it
+        report.notes.append("then " + str(reports[1]).replace("\n", "\n  "))
     with staged_directory(out) as tmp:  # out is complete or absent, never half-written
         model.save_pretrained(tmp)
         if optimizer is not None:
             _write_torch(tmp / OPTIMIZER, optimizer.state_dict())
         for f in rest:
             if f.name == TRAINER_STATE and trainer_state is not None:
-                text = json.dumps(record_growth(trainer_state, report), indent=2, sort_keys=True) + "\n"
+                recorded = trainer_state
+                for r in reports:
+                    recorded = record_growth(recorded, r)
+                text = json.dumps(recorded, indent=2, sort_keys=True) + "\n"
                 (tmp / TRAINER_STATE).write_text(text, encoding="utf-8")  # as TrainerState.save_to_json
             elif not (tmp / f.name).exists():  # save_pretrained wrote the grown config.json
                 shutil.copy2(f, tmp / f.name)

@@ -254,3 +254,28 @@ def test_every_supported_optimizer_steps_after_depth_growth(make_opt):
     model(x, x)[1].backward()
     opt.step()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("widths", [[], ["--factor", "2"]])
+def test_grow_cli_deepens_a_model_directory_and_a_trainer_checkpoint(widths, tmp_path, capsys):
+    from growkern import cli
+    model, opt, _ = trained("qwen2")
+    model.save_pretrained(tmp_path / "src")
+    torch.save(opt.state_dict(), tmp_path / "src" / "optimizer.pt")
+    (tmp_path / "src" / "trainer_state.json").write_text('{"global_step": 2, "log_history": []}')
+    rc = cli.main(["grow", str(tmp_path / "src"), "--out", str(tmp_path / "deep"), "--n-layer", "4",
+                   "--depth-strategy", "identity", *widths])
+    out = capsys.readouterr().out
+    assert rc == 0 and "n_layer 2 -> 4" in out and "growkern.deepen_" in out
+    loaded = type(model).from_pretrained(tmp_path / "deep", dtype=torch.float64, attn_implementation="eager")
+    assert loaded.config.num_hidden_layers == 4 and len(loaded.config.layer_types) == 4
+    assert loaded.config.hidden_size == (32 if widths else 16)
+    x = batch(seed=9)
+    if not widths:  # identity: the same function
+        assert (logits(loaded.eval(), x) - logits(model, x)).abs().max() <= 1e-12 * logits(model, x).abs().max()
+    sd = torch.load(tmp_path / "deep" / "optimizer.pt", weights_only=True)
+    rebuilt = torch.optim.AdamW(loaded.parameters(), lr=1e-2, weight_decay=0.1)
+    rebuilt.load_state_dict(sd)  # indices in the grown model's order
+    import json
+    log = json.loads((tmp_path / "deep" / "trainer_state.json").read_text())["log_history"]
+    assert [r["growth_strategy"] for r in log] == (["exact_copy"] if widths else []) + ["identity"]

@@ -100,7 +100,7 @@ def checkpoint_kind(path) -> str:
                    f"{', '.join(HF_WEIGHTS)}); {found}")
 
 
-def grow_hf(args, kind: str) -> int:
+def grow_hf(args, kind: str, depth: dict | None = None) -> int:
     """`growkern grow` of a Hugging Face model directory or Trainer checkpoint into the
     new directory --out."""
     what = "a Trainer checkpoint" if kind == "trainer" else "a Hugging Face model directory"
@@ -127,9 +127,12 @@ def grow_hf(args, kind: str) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
+        widths = dict(factor=args.factor, d_model=args.d_model, d_ff=args.d_ff, n_head=args.n_head)
+        targets = growth_targets(**widths) if depth is None or any(v is not None for v in widths.values()) else {}
+        deep = {} if depth is None else dict(n_layer=depth["n_layer"], depth_strategy=depth["strategy"],
+                                             positions=depth["positions"])
         report = hf.grow_saved(args.ckpt, out, device=resolve_device(args.device), strategy=args.strategy,
-                               seed=args.seed, before_write=announce,
-                               **growth_targets(args.factor, args.d_model, args.d_ff, args.n_head),
+                               seed=args.seed, before_write=announce, **targets, **deep,
                                **parse_options(args.option))
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -168,7 +171,7 @@ def _announce_growth(model, optimizer, plan, out: Path) -> None:
 
 
 def _announce(old: dict, new: dict, before: int, after: int, size: int, out: Path, how: str = "") -> None:
-    dims = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_model", "d_ff", "n_head"))
+    dims = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_model", "d_ff", "n_head", "n_layer") if k in old)
     print(f"growing {dims}: {before:,} -> {after:,} parameters (x{after / before:.1f}), "
           f"checkpoint about {format_bytes(size)}{how}")
     if after > LARGE_GROWTH * before:
@@ -233,12 +236,8 @@ def cmd_grow(args) -> int:
         raise CLIError(f"--rewarm-steps goes with --schedule rewarm, not with "
                        f"{f'--schedule {args.schedule}' if args.schedule else 'the default schedule'}")
     kind = checkpoint_kind(args.ckpt)
-    if depth is not None and kind != "growkern":
-        raise CLIError(f"--n-layer: `growkern grow` deepens growkern checkpoints; for {args.ckpt} (a Hugging "
-                       f"Face directory or Trainer checkpoint) load the model, call growkern.deepen_ and "
-                       f"save_pretrained (docs/growth.md, 'Depth')")
     if kind != "growkern":
-        return grow_hf(args, kind)
+        return grow_hf(args, kind, depth)
     out = Path(args.out)
     src, src_meta = ckpt_mod.read_meta(args.ckpt)
     _check_grow_out(src, out, args.force)
