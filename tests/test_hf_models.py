@@ -308,6 +308,29 @@ def test_nanogpt_style_model_grows_through_register_adapter(nano_registered):
     opt.step()
 
 
+@pytest.mark.parametrize("strategy", ["identity", "fresh", "stack"])
+def test_nanogpt_style_model_grows_in_depth_through_the_same_adapter(nano_registered, strategy):
+    """The blocks' ModuleList is found from the parameter names (transformer.h); the new
+    blocks train with the same optimizer and the config describes the new depth."""
+    torch.manual_seed(0)
+    model = NanoGPT(NanoConfig()).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = batch(T=12)
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    opt.zero_grad()
+    before = model(x)
+    rep = growkern.deepen_(model, opt, n_layer=4, strategy=strategy)
+    assert model.config.n_layer == 4 and len(model.transformer.h) == 4 and rep.exact == (strategy != "stack")
+    if rep.exact:
+        assert (model(x) - before).abs().max() <= 1e-12 * before.abs().max()
+    assert [type(b) for b in model.transformer.h] == [NanoBlock] * 4
+    grown = NanoGPT(model.config)
+    assert [(n, p.shape) for n, p in grown.named_parameters()] == [(n, p.shape) for n, p in model.named_parameters()]
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+
+
 def test_nanogpt_d_ff_its_config_cannot_hold_is_refused_unchanged(nano_registered):
     model = NanoGPT(NanoConfig()).double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
