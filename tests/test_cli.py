@@ -416,3 +416,14 @@ def test_sample_help_says_what_each_option_does(capsys):
                   "--temperature TEMPERATURE divides the logits before sampling",
                   "--seed SEED seed of the sampling; sample i of --num uses seed + i"):
         assert words in text, words
+
+
+def test_grow_deepens_a_distributed_checkpoint_offline(dcp_source, tmp_path, capsys):
+    out = tmp_path / "deep"
+    rc, stdout, _ = run(capsys, "grow", dcp_source, "--n-layer", 4, "--depth-strategy", "interleave", "--out", out)
+    assert rc == 0 and "n_layer 2 -> 4" in stdout and "one tensor at a time" in stdout
+    grown = C.load(out)
+    assert grown.gpt_config.n_layer == 4 and grown.meta["storage"] == "dcp"
+    assert grown.growth_history[-1]["operation"] == "deepen_"
+    rc, _, err = run(capsys, "grow", dcp_source, "--factor", 2, "--n-layer", 4, "--out", tmp_path / "both")
+    assert rc == 2 and "two `growkern grow` commands" in err and not (tmp_path / "both").exists()

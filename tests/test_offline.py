@@ -88,3 +88,28 @@ def test_offline_growth_refuses_a_file_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a distributed"):
         offline.grow_dcp(tmp_path / "src", tmp_path / "out", factor=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("strategy", ["identity", "fresh", "stack"])
+def test_offline_depth_growth_writes_what_deepen_and_save_write(tmp_path, strategy):
+    """Every tensor, the moment rule's missing state of zeroed and fresh tensors, the
+    groups and the scheduler equal those of load + deepen_ + save(storage="dcp"), and
+    the result resumes."""
+    from growkern import deepen_
+    src = _dcp_checkpoint(tmp_path / "src")
+    ck = C.load(src)
+    deepen_(ck.model, ck.optimizer, ck.scheduler, n_layer=4, strategy=strategy, seed=5)
+    C.save(tmp_path / "ref", ck.model, ck.optimizer, ck.scheduler, step=ck.step, train_config=ck.train_config,
+           data_state=ck.data, rng=ck.rng, storage="dcp")
+    entry = offline.deepen_dcp(src, tmp_path / "out", n_layer=4, strategy=strategy, seed=5)
+
+    ref, ref_t, ref_sched, ref_groups = _everything(tmp_path / "ref")
+    got, got_t, got_sched, got_groups = _everything(tmp_path / "out")
+    assert got.model.config == ref.model.config and got.model.config.n_layer == 4
+    assert got_t.keys() == ref_t.keys()
+    for k in ref_t:
+        assert got_t[k].dtype == ref_t[k].dtype and torch.equal(got_t[k], ref_t[k]), k
+    assert got_groups == ref_groups and got_sched == ref_sched
+    assert entry["params_after"] == got.model.num_params()
+    x = torch.randint(0, 61, (2, 16))
+    assert torch.equal(got.model(x)[0], ref.model(x)[0])

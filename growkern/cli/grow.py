@@ -25,7 +25,7 @@ from ..growth.strategies import strategies
 from ..growth.widen import widen_
 from ..train import checkpoint as ckpt_mod
 from ..train.distributed import resolve_device
-from ..train.offline import grow_dcp
+from ..train.offline import deepen_dcp, grow_dcp
 from .common import CLIError, _Formatter, check_free_space, corpus_for, val_batches
 
 
@@ -230,6 +230,20 @@ def _announce_depth(ck, depth: dict, out: Path) -> None:
     check_free_space(out, size, "the grown checkpoint")
 
 
+def _deepen_dcp(args, src: Path, out: Path, depth: dict) -> int:
+    """A distributed (DCP) checkpoint deepened offline, one tensor at a time."""
+    def announce(e):
+        _announce(e["dims_before"], e["dims_after"], e["params_before"], e["params_after"], e["bytes"], out,
+                  ", one tensor at a time (distributed checkpoint)")
+
+    entry = deepen_dcp(src, out / "ckpt", before_write=announce, **depth)
+    for note in entry["notes"]:
+        print(f"  note: {note}")
+    print(f"grown checkpoint at step {entry['step']}: {out / 'ckpt'} ({entry['seconds']:.1f} s; check it with "
+          f"`growkern eval {out}`)")
+    return 0
+
+
 def cmd_grow(args) -> int:
     depth = depth_options(args)
     if args.rewarm_steps is not None and args.schedule != "rewarm":
@@ -252,9 +266,11 @@ def cmd_grow(args) -> int:
         raise CLIError(f"--option {taken[0]}=... is a growth argument, not a strategy option; give it as "
                        f"--{taken[0].replace('_', '-')}")
     if src_meta.get("storage") == "dcp":
+        if depth is not None and widen:
+            raise CLIError(f"{src} is a distributed checkpoint, grown offline one growth at a time: give the width "
+                           f"and the depth (--n-layer) to two `growkern grow` commands")
         if depth is not None:
-            raise CLIError(f"--n-layer: {src} is a distributed checkpoint, which `growkern grow` widens offline but "
-                           f"does not deepen yet; train --resume it in one process to a file checkpoint first")
+            return _deepen_dcp(args, src, out, depth)
         return _grow_dcp(args, src, out, targets, options)
     ck = ckpt_mod.load(args.ckpt, device=resolve_device(args.device))
     corpus, _ = corpus_for(ck, args.data)

@@ -1,5 +1,7 @@
 """Grow a distributed (DCP) checkpoint offline, holding one tensor at a time.
 
+(grow_dcp in width; deepen_dcp in depth, below.)
+
 A checkpoint written by `torch.distributed.checkpoint` may not fit one process whole.
 grow_dcp reads its metadata, builds the model and optimizer skeletons on the meta
 device (no memory) to make the plan and move the muP learning rates and the schedule,
@@ -22,10 +24,12 @@ import torch
 from ..growth.adapter import adapter_for
 from ..growth.apply import grow_tensor
 from ..growth.checks import MOMENT_KEYS
+from ..growth.deepen import _source_name, is_residual_output, new_block
+from ..growth.depth import FRESH, ZERO_OUT, plan_depth
 from ..growth.plan import plan_growth
 from ..growth.schedule import SCHEDULES, apply_schedule, mup_lr_ratios
 from ..kernels.backends import resolve_backend
-from ..models.gpt import GPT
+from ..models.gpt import GPT, Block
 from . import checkpoint as C
 from .loop import build_optimizer, build_scheduler
 
@@ -126,6 +130,112 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     if before_write is not None:
         before_write(entry)
     C.save(out, new_model_meta, optimizer, scheduler, step=meta["step"], train_config=tcfg,
+           data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
+           tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
+           growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
+           write_tensors=lambda d: C.write_dcp_lazily(d, specs, build), optimizer_skeleton=new_skeleton)
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
+def deepen_dcp(src, out, *, n_layer=None, factor=None, strategy: str = "identity", positions=None, seed: int = 0,
+               before_write=None) -> dict:
+    """Grow the DCP checkpoint `src` in depth into a DCP checkpoint at `out`, one tensor at
+    a time: what ckpt_mod.load + deepen_ + save(storage="dcp") write (tests/test_offline.py).
+    Each tensor of the new checkpoint is its source block's (copied, zeroed, or for fresh
+    blocks drawn as deepen_ draws them, one block at a time); optimizer state follows
+    deepen_'s moment rule; the schedule continues. Returns the growth-history entry."""
+    t0 = time.perf_counter()
+    path, meta = C.read_meta(src)
+    if meta.get("storage") != "dcp":
+        raise ValueError(f"{path} is not a distributed (DCP) checkpoint; grow it with growkern.deepen_ "
+                         f"after checkpoint.load, or `growkern grow --n-layer`")
+    C._check_files(path, meta, verify=True)
+    gcfg, tcfg = C._configs(path, meta)
+    plan = plan_depth(gcfg.n_layer, n_layer=n_layer, factor=factor, strategy=strategy, positions=positions,
+                      seed=seed)
+    new_cfg = gcfg.replace(n_layer=plan.new)
+    with torch.device("meta"):
+        model, new_model = GPT(gcfg), GPT(new_cfg)
+    adapter = adapter_for(model)
+    skeleton = torch.load(path / C.OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer = build_optimizer(new_model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)  # sets the groups' LRs to its step 0: load them after
+    for group, saved in zip(optimizer.param_groups, skeleton["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+    state = C._load_state(path)
+    C._load_scheduler(path, state["scheduler"], scheduler, tcfg, meta["step"])
+
+    old_names = [n for g in meta["param_names"] for n in g]
+    old_index = {n: i for i, n in enumerate(old_names)}
+    new_names = [n for g in optimizer.param_groups for n in g["param_names"]]
+
+    def block_of(name):
+        head, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        return int(index) if head == "blocks" and index.isdigit() else None
+
+    def fresh_state(name):  # deepen_'s moment rule: zeroed or fresh tensors start with no state
+        j = block_of(name)
+        kind = plan.kinds[j] if j is not None else None
+        return kind == FRESH or (kind == ZERO_OUT and is_residual_output(adapter, name))
+
+    specs, sources = {}, {}  # new DCP key -> (source key or None, parameter name)
+    stored = set(C.dcp_keys(path))
+    for n in new_model.state_dict():
+        key = f"model/{n}"
+        src_name = _source_name(n, "blocks", plan)
+        if f"model/{src_name}" not in stored:
+            continue  # a tied alias (lm_head.weight) or a buffer the checkpoint does not keep
+        old = C.dcp_tensor_meta(path, f"model/{src_name}")
+        specs[key] = torch.empty(old.shape, dtype=old.dtype, device="meta")
+        sources[key] = (f"model/{src_name}", n)
+    tensor_keys, plain_state = {}, {}
+    for i, n in enumerate(new_names):
+        src_i = old_index[_source_name(n, "blocks", plan)]
+        if fresh_state(n) or src_i not in skeleton["tensor_keys"]:
+            continue
+        tensor_keys[i] = list(skeleton["tensor_keys"][src_i])
+        plain_state[i] = dict(skeleton["state"].get(src_i, {}))
+        for role in tensor_keys[i]:
+            key = f"optim/{src_i}/{role}"
+            old = C.dcp_tensor_meta(path, key)
+            specs[f"optim/{i}/{role}"] = torch.empty(old.shape, dtype=old.dtype, device="meta")
+            sources[f"optim/{i}/{role}"] = (key, n)
+    fresh_blocks = {}
+
+    def build(key):
+        src_key, name = sources[key]
+        j = block_of(name)
+        kind = plan.kinds[j] if j is not None else None
+        if key.startswith("model/") and kind == FRESH:
+            if j not in fresh_blocks:  # deepen_'s draws for block j, in its order
+                fresh_blocks.clear()
+                with torch.device("meta"):
+                    template = Block(gcfg)
+                template = template.to_empty(device="cpu").to(specs[key].dtype)  # every value is drawn anew
+                fresh_blocks[j] = dict(new_block(template, FRESH, j, plan, adapter, "blocks", new_cfg)
+                                       .named_parameters(prefix=f"blocks.{j}"))
+            return fresh_blocks[j][name].detach().clone()
+        old = C.read_dcp_tensor(path, src_key)
+        if key.startswith("model/") and kind == ZERO_OUT and is_residual_output(adapter, name):
+            return torch.zeros_like(old)
+        return old
+
+    new_skeleton = {"state": plain_state, "tensor_keys": tensor_keys,
+                    "param_groups": optimizer.state_dict()["param_groups"]}
+    params_before = sum(p.numel() for p in model.parameters())
+    params_after = sum(p.numel() for p in new_model.parameters())
+    entry = {"strategy": plan.strategy, "backend": "torch", "offline": True, "operation": "deepen_",
+             "dims_before": {"n_layer": plan.old}, "dims_after": {"n_layer": plan.new},
+             "params_before": params_before, "params_after": params_after, "exact": plan.exact,
+             "notes": [f"blocks {plan.describe()}", "grown offline one tensor at a time "
+                       "(growkern.train.offline.deepen_dcp); step-0 preservation not measured"],
+             "step": meta["step"], "source": str(path), "schedule": "continue", "seed": seed,
+             "positions": positions, "bytes": sum(t.numel() * t.element_size() for t in specs.values())}
+    if before_write is not None:
+        before_write(entry)
+    C.save(out, _Described(new_cfg), optimizer, scheduler, step=meta["step"], train_config=tcfg,
            data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
            tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
            growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
