@@ -340,13 +340,18 @@ def test_torchrun_train_smoke(tmp_path, parallel):
                "--data", str(REAL)], tmp_path, nproc=0)
     g = C.load(grown)
     assert g.meta["storage"] == "dcp" and g.model.config.d_model == 64 and g.step == 4
-    stdout = _torchrun(["train", "--resume", str(grown), "--fsdp", "--steps", "6", "--threads", "1",
+    # then deeper, offline as well: the FSDP2 run's way to grow in depth (docs/distributed.md)
+    deep = tmp_path / "deep"
+    _torchrun(["grow", str(grown), "--out", str(deep), "--n-layer", "2"], tmp_path, nproc=0)
+    stdout = _torchrun(["train", "--resume", str(deep), "--fsdp", "--steps", "6", "--threads", "1",
                         "--data", str(REAL)], tmp_path)
     assert stdout.count("each rank read its shards") == 1  # straight into the shards (load_sharded)
-    recs = [json.loads(line) for line in (grown / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (deep / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [5, 6] and all(np.isfinite(x["loss"]) for x in recs)
-    done = C.load(grown)
+    done = C.load(deep)
     assert done.step == 6 and done.model.config.d_model == 64 and done.meta["parallel"] == "fsdp"
+    assert done.model.config.n_layer == 2 and [e.get("operation", "widen_") for e in done.growth_history] == \
+        ["widen_", "deepen_"]
 
 
 # --- FSDP2 ---------------------------------------------------------------------------
