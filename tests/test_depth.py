@@ -279,3 +279,39 @@ def test_grow_cli_deepens_a_model_directory_and_a_trainer_checkpoint(widths, tmp
     import json
     log = json.loads((tmp_path / "deep" / "trainer_state.json").read_text())["log_history"]
     assert [r["growth_strategy"] for r in log] == (["exact_copy"] if widths else []) + ["identity"]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 2), deadline=None)
+@given(family=st.sampled_from(["llama", "gemma3", "gpt2"]),
+       n_layer=st.one_of(st.none(), st.integers(-1, 7)),
+       factor=st.one_of(st.none(), st.sampled_from([1, 1.5, 2, 2.5, 3])),
+       strategy=st.sampled_from(list(DEPTH_STRATEGIES) + ["deep"]),
+       positions=st.one_of(st.none(), st.lists(st.integers(-1, 2), max_size=5)))
+def test_random_depth_targets_grow_as_planned_or_change_nothing(family, n_layer, factor, strategy, positions):
+    model, opt, sched = trained(family)
+    x = batch()
+    before = logits(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = copy.deepcopy(opt.state_dict())
+    try:
+        plan = plan_depth(2, n_layer=n_layer, factor=factor, strategy=strategy, positions=positions)
+    except ValueError:
+        plan = None
+    try:
+        report = growkern.deepen_(model, opt, sched, n_layer=n_layer, factor=factor, strategy=strategy,
+                                  positions=positions)
+    except (ValueError, TypeError):
+        assert plan is None  # refused exactly when the plan is refused
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert len(opt.state_dict()["state"]) == len(moments["state"])
+        return
+    assert plan is not None and report.dims_after == {"n_layer": plan.new}
+    assert len(list(model.parameters())) == sum(len(g["params"]) for g in opt.param_groups)
+    if plan.exact:
+        after = logits(model, x)
+        assert (after - before).abs().max() <= 1e-12 * before.abs().max()
