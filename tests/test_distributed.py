@@ -272,7 +272,7 @@ def test_widen_of_the_inner_module_grows_through_its_ddp_wrapper():
     _assert_equal_states(a, b)
 
 
-def _refuse_builtin_hook(rank, world):
+def _refuse_builtin_hook(rank, world, depth=False):
     import torch.distributed as dist
     import growkern
     from growkern.train import distributed as D
@@ -281,16 +281,22 @@ def _refuse_builtin_hook(rank, world):
     ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
-        growkern.widen_(ddp, opt, sched, factor=2)
+        if depth:
+            growkern.deepen_(ddp, opt, sched, n_layer=4)
+        else:
+            growkern.widen_(ddp, opt, sched, factor=2)
     except ValueError as e:
-        same = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        same = all(torch.equal(before[n], p) for n, p in model.named_parameters()) and \
+            len(model.blocks) == 2 and sum(len(g["params"]) for g in opt.param_groups) == len(before)
         return str(e), same, ddp.reducer is not None
     return None
 
 
-def test_widen_refuses_a_ddp_it_cannot_rebuild_and_changes_nothing():
-    for msg, same, has_reducer in run_ranks(_refuse_builtin_hook, 2, timeout=120):
-        assert "built-in comm hook" in msg and same and has_reducer
+@pytest.mark.parametrize("depth", [False, True], ids=["widen_", "deepen_"])
+def test_growth_refuses_a_ddp_it_cannot_rebuild_and_changes_nothing(depth):
+    for msg, same, has_reducer in run_ranks(_refuse_builtin_hook, 2, args=(depth,), timeout=120):
+        assert "built-in comm hook" in msg and msg.startswith("deepen_" if depth else "widen_")
+        assert same and has_reducer
 
 
 # --- torchrun end to end -----------------------------------------------------------

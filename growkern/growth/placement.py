@@ -88,7 +88,7 @@ class Replicated(SingleProcess):
         self.ddp = ddp
 
     def check(self, model, plan) -> None:
-        check_growable(self.ddp)
+        check_growable(self.ddp, "widen_" if plan is not None else "deepen_")
 
     def release(self) -> None:
         release_reducer(self.ddp)  # its buckets and hooks hold the old shapes
@@ -204,11 +204,11 @@ def find_fsdp(model) -> nn.Module | None:
 
 # --- DDP: the Reducer of the old shapes is released and rebuilt --------------------------
 
-def check_growable(ddp: DDP) -> None:
+def check_growable(ddp: DDP, op: str = "widen_") -> None:
     """Refuse, before anything changes, DDP configurations whose cached state
     rebuild_reducer cannot rebuild."""
     def no(what):
-        raise ValueError(f"widen_ cannot grow a DistributedDataParallel model {what}; supported: DDP "
+        raise ValueError(f"{op} cannot grow a DistributedDataParallel model {what}; supported: DDP "
                          f"with the default reducer, with or without static_graph, gradient_as_bucket_view, "
                          f"find_unused_parameters and Python comm hooks (register_comm_hook)")
     if not dist.is_initialized():
