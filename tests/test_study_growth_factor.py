@@ -364,3 +364,51 @@ def test_smoke_comparison_runs_are_cached_like_the_others(smoke, monkeypatch):
     res = gf_run.run_growth_factor("smoke", out, data=REAL, progress=False, workers=1)
     assert (res.computed, res.train_steps) == (0, 0) and res.cached == first.computed
     assert sum(r["strategy"] != "szp" for r in res.rows) == 2 * 2 * 2 * 2  # 2 operators x g 2, 4 x 2 budgets x 2 seeds
+
+
+def test_depth_findings_test_the_protocols_comparators():
+    """D1 compares stack at depth ratio k with the width factor of the nearest parameter
+    ratio (g = 2 for k = 4); D2 identity with stack; each a seed-level mean over budgets."""
+    p = get_preset("growth-factor", "cpu")
+    width = synthetic_rows(lambda s, g, r, seed: 1.2 + 0.01 * seed, factors=(4 / 3, 2, 4), budgets=(2.5, 5, 10))
+    for x in width:
+        x["depth_ratio"] = 1
+    depth = []
+    for k, ratio in ((2, 2.0), (4, 4.0)):
+        for strat, v in (("depth:stack", 1.0), ("depth:identity", 1.1)):
+            rows = synthetic_rows(lambda s, g, r, seed, v=v: v + 0.01 * seed + 0.003 * (seed % 2) * (v > 1.05),
+                                  factors=(1.0,), budgets=(2.5, 5, 10),
+                                  strategies=(strat,))
+            for x in rows:
+                x.update(depth_ratio=k, param_ratio=ratio)
+            depth += rows
+    lines, found = gf_report.depth_section(p, depth, width, (2.5, 5, 10))
+    assert len(found) == 4 and "## Depth axis" in lines
+    stack_vs_width = by_paper(found, "stacking beats width growth")
+    assert [f.verdict for f in stack_vs_width] == ["inconclusive", "inconclusive"]  # p = 2^-4 with 5 seeds
+    assert all(f.estimate == pytest.approx(-0.2) for f in stack_vs_width)  # the same in every seed: sign test
+    assert "szp (width / 2, N/N_s 4.00)" in stack_vs_width[1].claim  # k = 4 against g = 2
+    identity = by_paper(found, "function-preserving depth growth beats stacking")
+    assert [f.verdict for f in identity] == ["agree", "agree"]
+    assert identity[0].estimate == pytest.approx(0.1 + 0.003 * 2 / 5)
+    assert all(f.holm for f in found)
+
+
+@needs_data
+def test_depth_axis_grows_small_models_in_depth_and_reports_them(tmp_path):
+    out = tmp_path / "gf"
+    kw = dict(data=REAL, progress=False, workers=1, n_layer=2, budgets=(1,), depth_ratios=(2,), both=((2, 2),),
+              depth_budgets=(1,), factors=(2,), compare_factors=(2,), compare_strategies=())
+    res = gf_run.run_growth_factor("smoke", out, **kw)
+    rows = read_csv(out / "results.csv")
+    depth = {r["strategy"]: r for r in rows if r["depth_ratio"] == "2" and r["seed"] == "0"}
+    assert set(depth) == {"depth:stack", "depth:identity", "both"}
+    assert {r["small_n_layer"] for r in depth.values()} == {"1"}
+    ident, stack = depth["depth:identity"], depth["depth:stack"]
+    # identity keeps the small model's function: its loss right after growth is the small model's
+    assert float(ident["loss_after_growth"]) == pytest.approx(float(ident["loss_small"]), abs=1e-5)
+    assert abs(float(stack["loss_after_growth"]) - float(stack["loss_small"])) > 1e-4
+    text = (out / "report.md").read_text()
+    assert "## Depth axis" in text and "stacking beats width growth" in text
+    again = gf_run.run_growth_factor("smoke", out, **kw)
+    assert again.computed == 0 and again.cached == res.computed + res.cached

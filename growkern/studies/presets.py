@@ -170,6 +170,13 @@ class GrowthFactorPreset:
     growth_seed: int = 0  # the growth's noise (szp's perturbation), the same for every seed
     keep_every: int = 0  # steps between resume checkpoints within long runs; 0: none
     threads: int | None = None
+    # the depth axis (docs/studies.md, "Depth axis"): small models of n_layer / k layers at
+    # the target's width, grown by each depth strategy; "both": (g, k) small models grown
+    # in width (the preset's strategy) then in depth (identity); on depth_budgets
+    depth_ratios: tuple = ()
+    depth_strategies: tuple = ("stack", "identity")
+    both: tuple = ()
+    depth_budgets: tuple = ()
 
     @property
     def d_model(self) -> int:
@@ -270,7 +277,7 @@ GROWTH_FACTOR = {
         name="cpu", vocab_size=258, block_size=32, n_layer=4, head_dim=16, n_head=4, ff_mult=2,
         factors=(4 / 3, 2, 4), budgets=(2.5, 5, 10, 20), batch_size=32, lr=2e-3, warmup=20,
         eval_every=200, scratch_eval_every=100, eval_batch_size=64, eval_batches=32, seeds=(0, 1, 2, 3, 4),
-        keep_every=2000, threads=1),
+        keep_every=2000, threads=1, depth_ratios=(2, 4), both=((4 / 3, 2),), depth_budgets=(2.5, 5, 10)),
     # d_model 384 = 6 heads of 64: g = 1.5, 2, 3 (6 would be 1 head) are whole in heads. Two seeds,
     # budgets 5-40, exact_copy and perturb beside szp at g = 2 only: 3.2e17 training FLOPs
     # (docs/studies.md), ~27 min on one H100 at 20% bf16 MFU.

@@ -22,7 +22,7 @@ COLUMNS = ("factor", "param_ratio", "budget", "seed", "growth_seed", "strategy",
            "small_steps", "grown_steps", "small_tokens", "grown_tokens", "small_flops", "total_flops",
            "loss_small", "loss_after_growth", "final_loss", "best_loss", "scratch_flops_to_match", "speedup",
            "speedup_exact", "speedup_text", "small_epochs", "grown_epochs", "scratch_epochs", "epochs",
-           "repeats", "seconds", "key")
+           "repeats", "seconds", "depth_ratio", "small_n_layer", "key")
 
 
 def validate(p) -> None:
@@ -44,7 +44,14 @@ def validate(p) -> None:
     for g in p.compare_factors:
         need(any(abs(g - f) < 1e-9 for f in p.factors),
              f"compare_factors must be among the factors {p.factors}, got {g:g}")
-    for g in p.factors:
+    for k in (*p.depth_ratios, *(k for _, k in p.both)):
+        need(k >= 2 and p.n_layer % k == 0, f"depth ratios must divide n_layer {p.n_layer}, got {k}")
+    need(set(p.depth_budgets) <= set(p.budgets), f"depth_budgets must be among the budgets, got {p.depth_budgets}")
+    need((not p.depth_ratios and not p.both) or p.depth_budgets, "depth_ratios or both need depth_budgets")
+    from ...growth.depth import DEPTH_STRATEGIES
+    for s in p.depth_strategies:
+        need(s in DEPTH_STRATEGIES, f"unknown depth strategy {s!r}; allowed: {', '.join(DEPTH_STRATEGIES)}")
+    for g in (*p.factors, *(g for g, _ in p.both)):
         heads = p.n_head / g
         need(abs(heads - round(heads)) < 1e-9 and round(heads) >= 1,
              f"factor {g:g} gives {heads:g} heads for the small model (n_head {p.n_head} / {g:g}); "
@@ -58,12 +65,23 @@ def target_config(p, vocab_size: int) -> GPTConfig:
                      d_model=d, d_ff=p.ff_mult * d, norm="rmsnorm", **mup)
 
 
-def small_config(target: GPTConfig, p, g: float) -> GPTConfig:
+def small_config(target: GPTConfig, p, g: float, k: int = 1) -> GPTConfig:
     """Width d_model/g at fixed head_dim: heads n_head/g, d_ff ff_mult d_model/g; under muP
-    the same base width as the target (so its width multiplier is 1/g)."""
+    the same base width as the target (so its width multiplier is 1/g); n_layer / k layers."""
     heads = round(p.n_head / g)
     d = heads * p.head_dim
-    return target.replace(n_head=heads, n_kv_head=heads, d_model=d, d_ff=p.ff_mult * d)
+    return target.replace(n_head=heads, n_kv_head=heads, d_model=d, d_ff=p.ff_mult * d,
+                          n_layer=target.n_layer // k)
+
+
+BOTH = "both"  # the "both" operator: the preset's width strategy, then identity in depth
+
+
+def depth_runs(p) -> list[tuple]:
+    """(g, k, strategy) of every depth-axis run: each depth strategy from n_layer / k layers
+    at the target's width, and "both" from the (g, k) small models."""
+    return ([(1.0, k, f"depth:{s}") for k in p.depth_ratios for s in p.depth_strategies]
+            + [(float(g), int(k), BOTH) for g, k in p.both])
 
 
 def train_config(p, seed: int) -> train_mod.TrainConfig:
@@ -91,7 +109,7 @@ def growth_options(p, strategy: str) -> tuple[dict, str | None]:
     """(plan options, widen_ schedule) of a strategy: the preset's own for p.strategy; a
     comparison strategy runs with its defaults (its default schedule included), as its
     authors use it."""
-    if strategy == p.strategy:
+    if strategy in (p.strategy, BOTH):  # "both" widens with the preset's strategy as the preset runs it
         return dict(p.strategy_options), p.growth_schedule
     return {}, None
 

@@ -327,8 +327,80 @@ def _budget_head(r, rep, mark="†") -> str:
     return f"r = {r:g}" + (f" {mark}" if rep.get(r, {}).get("repeats") else "")
 
 
+def depth_section(p, depth_rows, width_rows, budgets) -> tuple[list[str], list]:
+    """The depth axis (docs/studies.md, "Depth axis"): a table of speedups per operator and
+    small shape, and the four findings fixed before the runs, D1 (stack minus width growth
+    at the matched parameter ratio) and D2 (identity minus stack) per depth ratio, over
+    `budgets` (the depth budgets that do not repeat the data), with their own Holm family."""
+    if not depth_rows:
+        return [], []
+    cell = {(x["strategy"], x["factor"], x["depth_ratio"], x["budget"], x["seed"]): x
+            for x in list(depth_rows) + list(width_rows)}
+    shapes = list(dict.fromkeys((x["strategy"], x["factor"], x["depth_ratio"]) for x in depth_rows))
+    ratio = {(x["factor"], x["depth_ratio"]): x["param_ratio"] for x in list(depth_rows) + list(width_rows)}
+    all_budgets = sorted({x["budget"] for x in depth_rows})
+
+    def sp(strat, g, k, r, seed):
+        x = cell.get((strat, g, k, r, seed))
+        return math.nan if x is None else x["speedup"]
+
+    def matched_width(k):
+        """The width factor whose parameter ratio is nearest the depth ratio k's."""
+        target = ratio[(1.0, k)]
+        return min(p.factors, key=lambda g: abs(math.log(ratio.get((g, 1), math.inf) / target)))
+
+    table = []
+    for strat, g, k in [(p.strategy, matched_width(k), 1) for k in p.depth_ratios] + shapes:
+        vals = []
+        for r in all_budgets:
+            v = [sp(strat, g, k, r, seed) for seed in p.seeds]
+            v = [x for x in v if not math.isnan(x)]
+            vals.append(ci_text(*seed_interval(v)) if len(v) > 1 else "-")
+        shape = (f"width / {fg(g)}" if g != 1 else "width 1") + (f", depth / {k}" if k > 1 else "")
+        table.append([strat, shape, f"{ratio.get((g, k), math.nan):.2f}"] + vals)
+    found = []
+
+    def finding(claim, paper, a, b):
+        vals = []
+        for seed in p.seeds:
+            d = [sp(*a, r, seed) - sp(*b, r, seed) for r in budgets]
+            if d and not any(math.isnan(x) for x in d):
+                vals.append(float(np.mean(d)))
+        ci_at = lambda level, vals=tuple(vals): seed_interval(vals, level)  # noqa: E731
+        m, lo, hi = ci_at(0.95)
+        found.append(stats.Finding(claim, paper, m, lo, hi, len(vals), "> 0", ci_at=ci_at))
+
+    on = ", ".join(f"{r:g}" for r in budgets)
+    for k in p.depth_ratios:
+        g = matched_width(k)
+        if "stack" in p.depth_strategies:
+            finding(f"speedup of depth:stack (depth / {k}, N/N_s {ratio[(1.0, k)]:.2f}) minus {p.strategy} "
+                    f"(width / {fg(g)}, N/N_s {ratio[(g, 1)]:.2f}), mean over budgets {on}",
+                    "stacking beats width growth", ("depth:stack", 1.0, k), (p.strategy, g, 1))
+        if {"stack", "identity"} <= set(p.depth_strategies):
+            finding(f"speedup of depth:identity minus depth:stack at depth / {k}, mean over budgets {on}",
+                    "function-preserving depth growth beats stacking", ("depth:identity", 1.0, k),
+                    ("depth:stack", 1.0, k))
+    stats.holm_adjust(found, ALPHA)
+    L = ["## Depth axis", "",
+         "Small models with fewer layers at the target's width, grown to the target's depth by each depth "
+         "strategy, and (both) small models narrower and shallower, grown by "
+         f"{p.strategy} in width and then identity in depth in the same step; each run against its seed's "
+         "scratch run, as above. The protocol and the comparators were fixed before any depth run "
+         "(docs/studies.md, 'Depth axis'): each depth ratio k is compared with the width factor of the "
+         "nearest parameter ratio. Speedup, mean [95% t CI] over seeds:", "",
+         md_table(["operator", "small model", "N/N_s"] + [f"r = {r:g}" for r in all_budgets], table), "",
+         f"Findings (unit: the seed; Holm's adjustment over these {len(found)}, a family of their own; budgets "
+         f"{on}):", ""]
+    L += [f.markdown() for f in found] + [""]
+    return L, found
+
+
 def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     """curves: seed -> the scratch curve as [flops, val_loss] pairs."""
+    all_rows = rows
+    depth_rows = [x for x in rows if x.get("depth_ratio", 1) != 1 or x["strategy"].startswith("depth:")]
+    rows = [x for x in rows if x not in depth_rows]
     order = {s: i for i, s in enumerate((p.strategy, *p.compare_strategies))}
     rows = sorted(rows, key=lambda x: (order.get(x["strategy"], len(order)), x["strategy"], x["factor"],
                                        x["budget"], x["seed"]))
@@ -343,7 +415,7 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     found = findings(rows, p.factors, clean, p.seeds, strategy=p.strategy, compare_strategies=p.compare_strategies,
                      compare_factors=p.compare_factors) if clean else []
     stats.holm_adjust(found, ALPHA)
-    files = [write_csv(out / "results.csv", rows, COLUMNS), write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)]
+    files = [write_csv(out / "results.csv", all_rows, COLUMNS), write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)]
     tps, fpt = meta["tokens_per_step"], meta["flops_per_token_target"]
     files.append(write_csv(out / "scratch_curve.csv",
                            [{"seed": seed, "step": round(f / (tps * fpt)), "tokens": round(f / fpt), "flops": f,
@@ -536,6 +608,7 @@ def write_report(out: Path, p, rows, curves, meta: dict) -> list[Path]:
     if flagged:
         L += [note, ""]
 
+    L += depth_section(p, depth_rows, rows, tuple(r for r in p.depth_budgets if r in clean))[0]
     L += ["## Losses", "", "Val loss of the small model at growth, right after growth, at the end of the grown "
           "run and the best it showed (the speedup's L_grown), and of the same seed's scratch envelope at the "
           "same compute (interpolated); epochs: the most any of the cell's runs saw.", ""]

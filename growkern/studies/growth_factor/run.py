@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ...growth.deepen import deepen_
 from ...growth.plan import plan_growth
 from ...growth.widen import widen_
 from ...models.gpt import GPT, GPTConfig
@@ -27,7 +28,7 @@ from ..presets import get_preset, preset_dict
 from ..progress import Progress, fmt_seconds
 from ..result import StudyResult, default_command, default_out
 from ..runs import checkpointed_run, existing_checkpoints, fresh_start
-from .design import (PROTOCOL, best_so_far, compute_curve, epochs, grown_strategies, growth_options,
+from .design import (BOTH, PROTOCOL, best_so_far, depth_runs, compute_curve, epochs, grown_strategies, growth_options,
                      scratch_flops_read, small_config, speedup_cell, speedup_text, steps_for, target_config,
                      train_config, validate)
 from .report import write_report
@@ -56,13 +57,15 @@ def _run(p, root, init, save_steps, corpus, windows, device, tokenizer, label, c
                             tokenizer=tokenizer, log=_logger(label), counter=counter)
 
 
-def train_small(p, g: float, seed: int, root, save_steps, data, cache_dir, device, tokenizer, label=None) -> dict:
-    """The small model of (g, seed): checkpoints at every budget's r N_s tokens (trains only
-    the missing ones). Returns {"ckpts": {step: {"path", "curve"}}, "steps", "seconds"}."""
+def train_small(p, g: float, seed: int, root, save_steps, data, cache_dir, device, tokenizer, label=None,
+                k: int = 1) -> dict:
+    """The small model of (g, k, seed) (width / g, n_layer / k): checkpoints at every budget's
+    r N_s tokens (trains only the missing ones). Returns {"ckpts": {step: {"path", "curve"}},
+    "steps", "seconds"}."""
     t0 = time.perf_counter()
     corpus, windows = study_data(p, data, cache_dir)
     dev = resolve_device(device)
-    scfg = small_config(target_config(p, corpus.vocab_size), p, g)
+    scfg = small_config(target_config(p, corpus.vocab_size), p, g, k)
     tcfg = train_config(p, seed)
     counter = {"steps": 0}
     done = _run(p, Path(root), lambda: fresh_start(scfg, tcfg, corpus.train, windows, dev, seed), save_steps,
@@ -85,9 +88,16 @@ def train_grown(p, g: float, r: float, seed: int, strategy: str, small_path, sma
         ck = ckpt_mod.load(small_path, device=dev)
         ck.restore_rng()
         model, opt, sched = ck.model, ck.optimizer, ck.scheduler
-        plan = plan_growth(model.config, d_model=target.d_model, d_ff=target.d_ff, n_head=target.n_head,
-                           strategy=strategy, seed=p.growth_seed, **options)
-        widen_(model, opt, sched, plan=plan, schedule=schedule)
+        if strategy.startswith("depth:"):  # the depth axis: the methods' own way, the run goes on
+            deepen_(model, opt, sched, n_layer=target.n_layer, strategy=strategy[len("depth:"):],
+                    seed=p.growth_seed)
+        else:
+            width = p.strategy if strategy == BOTH else strategy
+            plan = plan_growth(model.config, d_model=target.d_model, d_ff=target.d_ff, n_head=target.n_head,
+                               strategy=width, seed=p.growth_seed, **options)
+            widen_(model, opt, sched, plan=plan, schedule=schedule)
+            if strategy == BOTH:  # then deeper, function preserving, in the same step
+                deepen_(model, opt, sched, n_layer=target.n_layer, strategy="identity", seed=p.growth_seed)
         batches = ck.batches(corpus.train)  # the data stream goes on where the small model stopped
         return model, opt, sched, batches, ck.train_config, ck.step, [[ck.step, val_loss(model, windows)]]
 
@@ -161,33 +171,43 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
         # --- the plan: small runs per (g, seed), grown runs per (g, r, seed, strategy: the
         # --- preset's everywhere, the comparison strategies at compare_factors), scratch per seed
         smalls, grown = {}, []
-        for g in p.factors:
-            scfg = small_config(target, p, g)
+        # (g, k, strategies, budgets): the width axis, then the depth axis (design.depth_runs)
+        axes = [(g, 1, grown_strategies(p, g), p.budgets) for g in p.factors]
+        for g, k, strategy in depth_runs(p):
+            axes.append((g, k, (strategy,), p.depth_budgets))
+        for g, k, strategies_here, budgets_here in axes:
+            sid = (g, k)
+            scfg = small_config(target, p, g, k)
             n_small, fpt_small = _sizes(scfg, p.block_size)
-            steps = {r: steps_for(r * n_small, tps) for r in p.budgets}
+            steps = {r: steps_for(r * n_small, tps) for r in p.budgets if r in budgets_here}
             for seed in p.seeds:
                 key = config_key({"kind": "gf-small", "gpt": scfg.to_dict(), **common(seed)})
-                smalls[(g, seed)] = {"g": g, "seed": seed, "cfg": scfg, "params": n_small, "fpt": fpt_small,
-                                     "key": key, "steps": steps, "root": out / "cache" / "small" / key}
-                for r in p.budgets:
+                if (sid, seed) in smalls:  # another depth strategy from the same small model
+                    smalls[(sid, seed)]["steps"].update(steps)
+                else:
+                    smalls[(sid, seed)] = {"g": g, "k": k, "sid": sid, "seed": seed, "cfg": scfg,
+                                           "params": n_small, "fpt": fpt_small, "key": key, "steps": dict(steps),
+                                           "root": out / "cache" / "small" / key}
+                for r in budgets_here:
                     s_steps, c_steps = steps[r], steps_for(r * n_target, tps)
                     small_flops = float(s_steps * tps * fpt_small)
                     total = small_flops + float(c_steps * tps * fpt_target)
-                    for strategy in grown_strategies(p, g):
+                    for strategy in strategies_here:
                         options, schedule = growth_options(p, strategy)
                         cfg = {"kind": "gf-grown", "small": key, "small_steps": s_steps,
                                "target": target.to_dict(), "strategy": strategy, "strategy_options": options,
                                "growth_schedule": schedule, "growth_seed": p.growth_seed,
                                "grown_steps": c_steps, **common(seed)}
-                        grown.append({"g": g, "r": r, "seed": seed, "strategy": strategy, "cfg": cfg,
-                                      "key": config_key(cfg), "small_steps": s_steps, "grown_steps": c_steps,
-                                      "small_flops": small_flops, "total_flops": total,
+                        grown.append({"g": g, "k": k, "sid": sid, "r": r, "seed": seed, "strategy": strategy,
+                                      "cfg": cfg, "key": config_key(cfg), "small_steps": s_steps,
+                                      "grown_steps": c_steps, "small_flops": small_flops, "total_flops": total,
                                       "work": total - small_flops})
         # scratch per seed, extended budget by budget: for budgets up to r it needs
         # scratch_factor x the largest grown run's compute among them (one run; each segment
         # resumes from the previous one's checkpoint)
         budgets = sorted(p.budgets)
-        seg_steps = {r: math.ceil(p.scratch_factor * max(x["total_flops"] for x in grown if x["r"] <= r)
+        width_runs = [x for x in grown if x["k"] == 1]  # the scratch runs (and their keys) follow the width axis
+        seg_steps = {r: math.ceil(p.scratch_factor * max(x["total_flops"] for x in width_runs if x["r"] <= r)
                                   / (tps * fpt_target)) for r in budgets}
         scratch_steps = seg_steps[budgets[-1]]
         scratch = {}
@@ -203,12 +223,12 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
 
         todo = [x for x in grown if not store.has(x["key"])]
         small_todo = [s for k, s in smalls.items()
-                      if any((x["g"], x["seed"]) == k for x in todo)
+                      if any((x["sid"], x["seed"]) == k for x in todo)
                       and not set(s["steps"].values()) <= set(existing_checkpoints(s["root"]))]
         scratch_todo = [(seed, r) for seed in p.seeds for r in budgets
                         if not store.has(scratch[seed]["segs"][r]["key"])]
-        small_work = {(s["g"], s["seed"]): max(s["steps"].values()) * tps * s["fpt"] for s in smalls.values()}
-        work = (sum(small_work[(s["g"], s["seed"])] for s in small_todo) + sum(x["work"] for x in todo)
+        small_work = {(s["sid"], s["seed"]): max(s["steps"].values()) * tps * s["fpt"] for s in smalls.values()}
+        work = (sum(small_work[(s["sid"], s["seed"])] for s in small_todo) + sum(x["work"] for x in todo)
                 + sum(seg_work[r] for _, r in scratch_todo))
         n_units = len(smalls) + len(grown) + len(p.seeds) * len(budgets)
         prog = Progress("growth-factor", n_units, len(small_todo) + len(todo) + len(scratch_todo),
@@ -225,8 +245,9 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
         args = (data, cache_dir, str(dev), tokref)
 
         # --- 1. small models (every checkpoint a grown run still needs) ---------------------
-        s_what = {(s["g"], s["seed"]): f"small g={s['g']:g} seed {s['seed']} (d_model {s['cfg'].d_model}, "
-                                       f"{s['params']:,} params, {max(s['steps'].values())} steps)"
+        s_what = {(s["sid"], s["seed"]): f"small g={s['g']:g}{f' k={s[chr(107)]}' if s['k'] > 1 else ''} seed "
+                                         f"{s['seed']} (d_model {s['cfg'].d_model}, {s['cfg'].n_layer} layers, "
+                                         f"{s['params']:,} params, {max(s['steps'].values())} steps)"
                   for s in smalls.values()}
 
         small_seconds = {}  # compute time of the small models trained in this call
@@ -236,9 +257,9 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             small_seconds[k] = res["seconds"]
             prog.finish(s_what[k], res["seconds"], work=small_work[k])
 
-        small_todo.sort(key=lambda s: -small_work[(s["g"], s["seed"])])
-        run_units([((s["g"], s["seed"]), (p, s["g"], s["seed"], s["root"], list(s["steps"].values()), *args,
-                                          label(s_what[(s["g"], s["seed"])])))
+        small_todo.sort(key=lambda s: -small_work[(s["sid"], s["seed"])])
+        run_units([((s["sid"], s["seed"]), (p, s["g"], s["seed"], s["root"], sorted(s["steps"].values()), *args,
+                                            label(s_what[(s["sid"], s["seed"])]), s["k"]))
                    for s in small_todo], train_small, workers=workers, threads=n_threads or 1,
                   on_start=lambda k: prog.start(s_what[k]), on_result=small_done)
         for k in smalls:
@@ -254,7 +275,7 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             rows = []
             for x in (x for x in grown if x["r"] in done):
                 g, r, seed, res = x["g"], x["r"], x["seed"], results[x["key"]]
-                s = smalls[(g, seed)]
+                s = smalls[(x["sid"], seed)]
                 sc = curves[seed]
                 s_flops, s_loss = [f for f, _ in sc], [l for _, l in sc]
                 final = res["grown_curve"][-1][1]
@@ -283,7 +304,8 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                     "final_loss": final, "best_loss": best, "scratch_flops_to_match": need, "speedup": value,
                     "speedup_exact": exact, "speedup_text": speedup_text(value, exact), **run_epochs,
                     "epochs": most, "repeats": most > p.max_epochs,
-                    "seconds": res["seconds"], "key": x["key"], "curve": curve})
+                    "seconds": res["seconds"], "depth_ratio": x["k"], "small_n_layer": s["cfg"].n_layer,
+                    "key": x["key"], "curve": curve})
             return rows, curves
 
         def report(rows, curves, done, steps):
@@ -301,10 +323,10 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                     "compute_seconds": sum(r["seconds"] for r in rows) + scratch_seconds
                     + sum(small_seconds.values()),
                     "budgets_done": list(done), "budgets_missing": [b for b in budgets if b not in done],
-                    "smalls": {f"{g:g}": {"d_model": s["cfg"].d_model, "n_head": s["cfg"].n_head,
-                                          "d_ff": s["cfg"].d_ff, "params": s["params"],
-                                          "flops_per_token": s["fpt"]} for (g, seed), s in smalls.items()
-                               if seed == p.seeds[0]}}
+                    "smalls": {f"{s['g']:g}": {"d_model": s["cfg"].d_model, "n_head": s["cfg"].n_head,
+                                               "d_ff": s["cfg"].d_ff, "params": s["params"],
+                                               "flops_per_token": s["fpt"]} for (_, seed), s in smalls.items()
+                               if seed == p.seeds[0] and s["k"] == 1}}
             pd = replace(p, budgets=tuple(b for b in p.budgets if b in done))
             files = write_report(out, pd, rows, curves, meta)
             atomic_write_json(out / "study.json", {"study": "growth-factor", "preset": preset_dict(p), **meta})
@@ -324,10 +346,10 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
                     units.append((k, (p, seed, seg["steps"], scratch[seed]["root"], *args, label(what[k]))))
             for x in (x for x in todo if x["r"] == r):
                 k = ("grown", x["key"])
-                s = smalls[(x["g"], x["seed"])]
+                s = smalls[(x["sid"], x["seed"])]
                 have = existing_checkpoints(s["root"])
-                what[k] = (f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} {x['strategy']} "
-                           f"({x['grown_steps']} steps)")
+                what[k] = (f"grown g={x['g']:g}{f' k={x[chr(107)]}' if x['k'] > 1 else ''} r={x['r']:g} seed "
+                           f"{x['seed']} {x['strategy']} ({x['grown_steps']} steps)")
                 unit_work[k], cfgs[k] = x["work"], (x["key"], x["cfg"])
                 units.append((k, (p, x["g"], x["r"], x["seed"], x["strategy"],
                                   str(s["root"] / f"step-{x['small_steps']}"),
@@ -354,7 +376,8 @@ def run_growth_factor(preset="smoke", out=None, data=None, *, device="auto", thr
             for x in (x for x in grown if x["r"] == r):
                 res = store.get(x["key"], count=x["key"] not in computed)
                 if x["key"] not in computed:
-                    prog.finish(f"grown g={x['g']:g} r={x['r']:g} seed {x['seed']} {x['strategy']}", None,
+                    prog.finish(f"grown g={x['g']:g}{f' k={x[chr(107)]}' if x['k'] > 1 else ''} r={x['r']:g} "
+                                f"seed {x['seed']} {x['strategy']}", None,
                                 f"final {res['grown_curve'][-1][1]:.4f}")
                 results[x["key"]] = res
             done = budgets[:i + 1]
