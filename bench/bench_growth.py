@@ -254,6 +254,7 @@ def main(argv=None):
             "model": args.model, "transformers": transformers_version, "repeats": args.repeats,
             "report_s": f"{report_t:.6f}", "kernels_s": f"{prof['kernels_s']:.6f}",
             "groups_s": f"{prof['groups_s']:.6f}", "build_reference_s": f"{build_ref_t:.6f}",
+            "n_layer_after": plan0.new.n_layer,  # the --depth rows' column; width keeps the depth
         }
         rows.append(row)
         print(f"{strategy:11s} {rep.backend:9s} {med * 1e3:8.1f} ms [{lo * 1e3:.1f}, {hi * 1e3:.1f}]  "

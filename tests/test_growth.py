@@ -555,3 +555,39 @@ def test_optimizer_that_does_not_train_exactly_this_model_is_refused_unchanged()
         with pytest.raises(ValueError, match=words):
             widen_(m, bad, factor=2)
         assert_same(before, snapshot(m, opt, sched))
+
+
+def _copy_index_loop(src):
+    out, seen = [], {}
+    for s in src:
+        out.append(seen.get(s, 0) if s >= 0 else -1)
+        if s >= 0:
+            seen[s] = seen.get(s, 0) + 1
+    return out
+
+
+def _antithetic_loop(src):
+    sign, idx, partners = [0.0] * len(src), list(range(len(src))), {}
+    for j, s in enumerate(src):
+        if s >= 0:
+            partners.setdefault(s, []).append(j)
+    for copies in partners.values():
+        for a, b in zip(copies[0::2], copies[1::2]):
+            sign[a], sign[b], idx[b] = 1.0, -1.0, a
+    return sign, idx
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.lists(st.integers(-1, 6), max_size=40))
+def test_vectorized_index_maps_equal_their_definitions(src):
+    """copy_index and antithetic (torch ops, no Python loop over the indices) give what the
+    per-index definitions give: ordinals of copies, +1/-1 pairs sharing one counter."""
+    from growkern.growth.maps import copy_index
+    from growkern.growth.strategies import antithetic
+    t = torch.tensor(src, dtype=torch.long)
+    assert copy_index(t).tolist() == _copy_index_loop(src)
+    sign, idx = antithetic(t)
+    want_sign, want_idx = _antithetic_loop(src)
+    assert sign.dtype == torch.float64 and sign.tolist() == want_sign and idx.tolist() == want_idx

@@ -29,13 +29,19 @@ DIMS = ("d_model", "d_ff", "kv_head", "head", "head_dim")
 
 def copy_index(src: torch.Tensor) -> torch.Tensor:
     """Per index of a map, its ordinal among the copies of its source (0: the original; -1: fresh)."""
-    out = [-1] * src.numel()
-    seen: dict[int, int] = {}
-    for j, s in enumerate(src.tolist()):
-        if s >= 0:
-            out[j] = seen.get(s, 0)
-            seen[s] = out[j] + 1
-    return torch.tensor(out, dtype=torch.long)
+    src = torch.as_tensor(src).long().flatten()
+    n = src.numel()
+    out = torch.full((n,), -1, dtype=torch.long)
+    if n == 0:
+        return out
+    order = torch.argsort(src, stable=True)  # each source's copies together, in index order
+    s = src[order]
+    t = torch.arange(n)
+    first = torch.ones(n, dtype=torch.bool)
+    first[1:] = s[1:] != s[:-1]
+    start = torch.cummax(torch.where(first, t, torch.zeros_like(t)), 0).values
+    out[order] = torch.where(s >= 0, t - start, torch.full_like(t, -1))
+    return out
 
 
 @dataclass(frozen=True)

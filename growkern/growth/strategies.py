@@ -63,16 +63,22 @@ def antithetic(src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise signs and counters for the copies of each source: copies (0, 1), (2, 3), ...
     share one draw with signs +1/-1, an odd last copy gets none, so the sum over the
     copies of every source is unchanged. Fresh indices get sign 0 and their own counter."""
-    sign = torch.zeros(src.numel(), dtype=torch.float64)
-    idx = torch.arange(src.numel())
-    partner_of: dict[int, list[int]] = {}
-    for j, s in enumerate(src.tolist()):
-        if s >= 0:
-            partner_of.setdefault(s, []).append(j)
-    for copies in partner_of.values():
-        for a, b in zip(copies[0::2], copies[1::2]):
-            sign[a], sign[b] = 1.0, -1.0
-            idx[b] = a
+    src = torch.as_tensor(src).long().flatten()
+    n = src.numel()
+    idx = torch.arange(n)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64), idx
+    c = copy_index(src)
+    kept = src >= 0
+    copies = torch.zeros(n, dtype=torch.long)
+    copies[kept] = torch.bincount(src[kept])[src[kept]]  # how many copies each index's source has
+    paired = kept & (c < 2 * (copies // 2))  # an odd last copy draws nothing
+    sign = torch.where(paired, 1.0 - 2.0 * (c % 2).double(), torch.zeros(n, dtype=torch.float64))
+    order = torch.argsort(src, stable=True)  # the partner of copy 2i+1 is copy 2i, just before it
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    second = (paired & (c % 2 == 1)).nonzero().squeeze(1)
+    idx[second] = order[rank[second] - 1]
     return sign, idx
 
 
