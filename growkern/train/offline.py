@@ -54,6 +54,27 @@ def _tensor_index(path: Path, meta: dict, skeleton: dict, params: dict) -> dict:
     return index
 
 
+def _open_dcp(src, how: str):
+    """(path, meta, GPTConfig, TrainConfig) of the DCP checkpoint `src`, its files checked;
+    ValueError saying `how` to grow any other checkpoint."""
+    path, meta = C.read_meta(src)
+    if meta.get("storage") != "dcp":
+        raise ValueError(f"{path} is not a distributed (DCP) checkpoint; grow it with {how}")
+    C._check_files(path, meta, verify=True)
+    gcfg, tcfg = C._configs(path, meta)
+    return path, meta, gcfg, tcfg
+
+
+def _write_dcp(out, config, optimizer, scheduler, path, meta, tcfg, state, entry, specs, build, skeleton):
+    """The grown checkpoint at `out`: the source's step, data cursor, RNG and tokenizer, its
+    growth history plus `entry`, and dcp/ written by the writer calling build(key)."""
+    C.save(out, _Described(config), optimizer, scheduler, step=meta["step"], train_config=tcfg,
+           data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
+           tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
+           growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
+           write_tensors=lambda d: C.write_dcp_lazily(d, specs, build), optimizer_skeleton=skeleton)
+
+
 def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule: str | None = None,
              rewarm_steps: int | None = None, backend: str = "auto", options: dict | None = None,
              before_write=None, **targets) -> dict:
@@ -64,12 +85,7 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
     stop). Returns the growth-history entry written into the new checkpoint (its
     "bytes": the size of the new tensors)."""
     t0 = time.perf_counter()
-    path, meta = C.read_meta(src)
-    if meta.get("storage") != "dcp":
-        raise ValueError(f"{path} is not a distributed (DCP) checkpoint; grow it with growkern.widen_ "
-                         f"after checkpoint.load, or `growkern grow`")
-    C._check_files(path, meta, verify=True)
-    gcfg, tcfg = C._configs(path, meta)
+    path, meta, gcfg, tcfg = _open_dcp(src, "growkern.widen_ after checkpoint.load, or `growkern grow`")
     with torch.device("meta"):
         model = GPT(gcfg)
     plan = plan_growth(model, strategy=strategy, seed=seed, **targets, **(options or {}))
@@ -116,7 +132,6 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
 
     new_skeleton = {"state": skeleton["state"], "tensor_keys": skeleton["tensor_keys"],
                     "param_groups": optimizer.state_dict()["param_groups"]}
-    new_model_meta = _Described(new_config)
     params_before = sum(p.numel() for p in params.values())
     params_after = sum(specs[f"model/{n}"].numel() for n in params)
     entry = {"strategy": plan.strategy.describe(), "backend": backend_name, "offline": True,
@@ -129,11 +144,7 @@ def grow_dcp(src, out, *, strategy: str = "exact_copy", seed: int = 0, schedule:
              "bytes": sum(t.numel() * t.element_size() for t in specs.values())}
     if before_write is not None:
         before_write(entry)
-    C.save(out, new_model_meta, optimizer, scheduler, step=meta["step"], train_config=tcfg,
-           data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
-           tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
-           growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
-           write_tensors=lambda d: C.write_dcp_lazily(d, specs, build), optimizer_skeleton=new_skeleton)
+    _write_dcp(out, new_config, optimizer, scheduler, path, meta, tcfg, state, entry, specs, build, new_skeleton)
     entry["seconds"] = time.perf_counter() - t0
     return entry
 
@@ -146,12 +157,7 @@ def deepen_dcp(src, out, *, n_layer=None, factor=None, strategy: str = "identity
     blocks drawn as deepen_ draws them, one block at a time); optimizer state follows
     deepen_'s moment rule; the schedule continues. Returns the growth-history entry."""
     t0 = time.perf_counter()
-    path, meta = C.read_meta(src)
-    if meta.get("storage") != "dcp":
-        raise ValueError(f"{path} is not a distributed (DCP) checkpoint; grow it with growkern.deepen_ "
-                         f"after checkpoint.load, or `growkern grow --n-layer`")
-    C._check_files(path, meta, verify=True)
-    gcfg, tcfg = C._configs(path, meta)
+    path, meta, gcfg, tcfg = _open_dcp(src, "growkern.deepen_ after checkpoint.load, or `growkern grow --n-layer`")
     plan = plan_depth(gcfg.n_layer, n_layer=n_layer, factor=factor, strategy=strategy, positions=positions,
                       seed=seed)
     new_cfg = gcfg.replace(n_layer=plan.new)
@@ -235,11 +241,7 @@ def deepen_dcp(src, out, *, n_layer=None, factor=None, strategy: str = "identity
              "positions": positions, "bytes": sum(t.numel() * t.element_size() for t in specs.values())}
     if before_write is not None:
         before_write(entry)
-    C.save(out, _Described(new_cfg), optimizer, scheduler, step=meta["step"], train_config=tcfg,
-           data_state=state["data"], rng=state["rng"], tokenizer=meta.get("tokenizer"),
-           tokenizer_file=path / C.TOKENIZER if (path / C.TOKENIZER).is_file() else None,
-           growth_history=list(meta["growth_history"]) + [entry], storage="dcp",
-           write_tensors=lambda d: C.write_dcp_lazily(d, specs, build), optimizer_skeleton=new_skeleton)
+    _write_dcp(out, new_cfg, optimizer, scheduler, path, meta, tcfg, state, entry, specs, build, new_skeleton)
     entry["seconds"] = time.perf_counter() - t0
     return entry
 
