@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .growth import schedule as schedule_mod
 from .growth.adapter import adapter_for
-from .growth.checks import moments, new_state_bytes
+from .growth.checks import new_state_bytes, state_bytes
 from .growth.deepen import deepen_, deepened_shapes, find_layers
 from .growth.depth import DEPTH_STRATEGIES, plan_depth
 from .growth.plan import plan_growth
@@ -568,9 +568,7 @@ def grow_saved(path, out, *, device="cpu", before_write=None, n_layer=None, dept
     if before_write is not None:
         n0 = sum(p.numel() for p in model.parameters())
         n1 = sum(math.prod(tp.new_shape) for tp in plan.tensors.values()) if plan else n0  # after the width
-        size = new_state_bytes(model, optimizer, plan) if plan else sum(
-            p.numel() * (p.element_size() + sum(v.element_size() for v in moments(optimizer, p).values()))
-            for p in model.parameters())
+        size = new_state_bytes(model, optimizer, plan) if plan else state_bytes(model.parameters(), optimizer)
         before, after = (plan.old.widths(), plan.new.widths()) if plan else ({}, {})
         n2 = n1
         if depth is not None:  # each added block grows with the width as the others do

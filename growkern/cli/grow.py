@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..growth.checks import format_bytes, moments, new_state_bytes
+from ..growth.checks import format_bytes, new_state_bytes, state_bytes
 from ..growth.deepen import deepen_
 from ..growth.depth import DEPTH_STRATEGIES, plan_depth
 from ..growth.plan import plan_growth
@@ -223,8 +223,7 @@ def _announce_depth(ck, depth: dict, out: Path) -> None:
     added = [p for j in plan.added for p in layers[plan.sources[j]].parameters()]
     before = sum(p.numel() for p in model.parameters())
     after = before + sum(p.numel() for p in added)
-    size = sum(p.numel() * p.element_size() + sum(v.numel() * v.element_size() for v in moments(optimizer, p).values())
-               for p in list(model.parameters()) + added)
+    size = state_bytes(list(model.parameters()) + added, optimizer)
     print(f"growing n_layer {plan.old} -> {plan.new} ({plan.strategy}): {before:,} -> {after:,} parameters "
           f"(x{after / before:.1f}), checkpoint about {format_bytes(size)}")
     check_free_space(out, size, "the grown checkpoint")

@@ -95,16 +95,26 @@ def _validate_optimizer_params(model, optimizer):
                          f"(first: {missing[0]}); pass the optimizer that trains this model")
 
 
-def check_new_config(model, adapter: Adapter, plan: GrowthPlan, ref_old, ref_new):
-    """The model class built from the old config must have the model's parameters, and
-    built from the new config the grown ones: else the config cannot express the growth."""
-    live = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    old = {n: tuple(p.shape) for n, p in ref_old.named_parameters()}
+def param_shapes(model) -> dict:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def check_old_reference(model, ref_old) -> dict:
+    """The model class built from the model's own config must have the model's parameters
+    (growth rebuilds derived state from the config, width or depth); returns their shapes."""
+    live, old = param_shapes(model), param_shapes(ref_old)
     if live != old:
         diff = sorted(set(live.items()) ^ set(old.items()))[:3]
         raise ValueError(f"{type(model).__name__} built from its own config does not have the model's "
                          f"parameters (differences: {diff}); growkern rebuilds derived state from the "
                          f"config, so the model must be what its config describes")
+    return live
+
+
+def check_new_config(model, adapter: Adapter, plan: GrowthPlan, ref_old, ref_new):
+    """The model class built from the old config must have the model's parameters, and
+    built from the new config the grown ones: else the config cannot express the growth."""
+    check_old_reference(model, ref_old)
     for name, p in ref_new.named_parameters():
         tp = plan.tensors.get(name)
         want = None if tp is None else tp.stored(tp.new_shape)
@@ -154,6 +164,12 @@ def moments(optimizer, p) -> dict:
     """The optimizer state tensors of p that grow with it (exp_avg, ...), in state order."""
     state = optimizer.state.get(p, {}) if optimizer is not None else {}
     return {k: v for k, v in state.items() if k in MOMENT_KEYS and torch.is_tensor(v)}
+
+
+def state_bytes(params, optimizer) -> int:
+    """Bytes of `params` and their optimizer moments (a checkpoint holds about as much)."""
+    return sum(p.numel() * p.element_size() + sum(v.numel() * v.element_size() for v in moments(optimizer, p).values())
+               for p in params)
 
 
 def new_state_bytes(model, optimizer, plan) -> int:

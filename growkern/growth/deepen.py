@@ -224,14 +224,8 @@ def deepened_shapes(shapes: dict, path: str, plan: DepthPlan) -> dict:
 def check_references(model, path: str, plan: DepthPlan, ref_old, ref_new) -> None:
     """The class built from the old config is the model; built from the new one, it has
     exactly the grown model's parameters (so the config expresses the new depth)."""
-    live = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    old = {n: tuple(p.shape) for n, p in ref_old.named_parameters()}
-    if live != old:
-        diff = sorted(set(live.items()) ^ set(old.items()))[:3]
-        raise ValueError(f"{type(model).__name__} built from its own config does not have the model's "
-                         f"parameters (differences: {diff}); the model must be what its config describes")
-    want = deepened_shapes(live, path, plan)
-    got = {n: tuple(p.shape) for n, p in ref_new.named_parameters()}
+    want = deepened_shapes(checks.check_old_reference(model, ref_old), path, plan)
+    got = checks.param_shapes(ref_new)
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise ValueError(f"{type(model).__name__} built from the config with {plan.new} layers does not have "
@@ -239,11 +233,8 @@ def check_references(model, path: str, plan: DepthPlan, ref_old, ref_new) -> Non
 
 
 def check_memory(model, layers, optimizer, plan: DepthPlan) -> int:
-    need = 0
-    for j in plan.added:
-        for p in layers[plan.sources[j]].parameters():
-            state = checks.moments(optimizer, p) if plan.kinds[j] != FRESH else {}
-            need += p.numel() * p.element_size() + sum(v.numel() * v.element_size() for v in state.values())
+    need = sum(checks.state_bytes(layers[plan.sources[j]].parameters(), optimizer if plan.kinds[j] != FRESH else None)
+               for j in plan.added)
     dev = next(model.parameters()).device
     free = checks.free_bytes(dev)
     if free is not None and need > free:
