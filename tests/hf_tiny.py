@@ -54,3 +54,21 @@ def batch(seed=1, B=2, T=9):
 def logits(model, x):
     with torch.no_grad():
         return model(x).logits
+
+
+def train_steps(model, steps=2, scheduler=None, **opt_kw):
+    """`steps` AdamW steps (lr 1e-2, `opt_kw`) on fixed batches, the scheduler made by
+    scheduler(optimizer) stepping too when given; the model left in eval mode. Returns the
+    optimizer, or (optimizer, scheduler) with a scheduler."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **opt_kw)
+    sched = scheduler(opt) if scheduler is not None else None
+    model.train()
+    for s in range(steps):
+        x = batch(seed=10 + s)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+    model.eval()
+    return opt if sched is None else (opt, sched)

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 import growkern  # noqa: E402
 from growkern.growth.adapter import config_attributes  # noqa: E402
 from growkern.growth.depth import DEPTH_STRATEGIES, plan_depth  # noqa: E402
-from hf_tiny import FAMILIES, V, batch, configs, logits, make  # noqa: E402
+from hf_tiny import FAMILIES, V, batch, configs, logits, make, train_steps  # noqa: E402
 
 # per strategy, a target depth from 2 blocks (upscale: 2L - 2 trim)
 TARGET = {"identity": 3, "fresh": 4, "interleave": 4, "stack": 5, "upscale": 4}
@@ -18,16 +18,8 @@ TARGET = {"identity": 3, "fresh": 4, "interleave": 4, "stack": 5, "upscale": 4}
 
 def trained(family, seed=0, steps=2, **kw):
     model = make(family, seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    for i in range(steps):
-        x = batch(seed=10 + i)
-        model(x, labels=x).loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    model.eval()
+    opt, sched = train_steps(model, steps, weight_decay=0.1,
+                             scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)))
     return model, opt, sched
 
 

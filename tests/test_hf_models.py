@@ -18,24 +18,12 @@ from growkern import plan_growth, widen_  # noqa: E402
 from growkern.growth.adapter import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, POSITIONS,
                                      Adapter, fused, linear)
 
-from hf_tiny import EXACT_TOL, FAMILIES, V, batch, logits, make  # noqa: E402
+from hf_tiny import EXACT_TOL, FAMILIES, V, batch, logits, make, train_steps  # noqa: E402
 
 
 def assert_preserved(family, before, after):
     tol = EXACT_TOL.get(family, 1e-6)
     assert (after - before).abs().max() <= tol * before.abs().max(), (after - before).abs().max()
-
-
-def train_steps(model, steps=2, **opt_kw):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **opt_kw)
-    model.train()
-    for s in range(steps):
-        x = batch(seed=10 + s)
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
 
 
 def derived_state(model):
@@ -293,13 +281,19 @@ def nano_registered():
     growkern.growth.adapter._ADAPTERS.remove(NANO)
 
 
-def test_nanogpt_style_model_grows_through_register_adapter(nano_registered):
+def nano_one_step():
+    """A NanoGPT after one AdamW step on a fixed batch: (model, optimizer, the batch)."""
     torch.manual_seed(0)
     model = NanoGPT(NanoConfig()).double()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = batch(T=12)
     nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     opt.step()
+    return model, opt, x
+
+
+def test_nanogpt_style_model_grows_through_register_adapter(nano_registered):
+    model, opt, x = nano_one_step()
     before = model(x)
     rep = widen_(model, opt, factor=2)
     assert rep.exact and model.config.n_embd == 32 and model.transformer.h[0].attn.n_embd == 32
@@ -312,12 +306,7 @@ def test_nanogpt_style_model_grows_through_register_adapter(nano_registered):
 def test_nanogpt_style_model_grows_in_depth_through_the_same_adapter(nano_registered, strategy):
     """The blocks' ModuleList is found from the parameter names (transformer.h); the new
     blocks train with the same optimizer and the config describes the new depth."""
-    torch.manual_seed(0)
-    model = NanoGPT(NanoConfig()).double()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = batch(T=12)
-    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-    opt.step()
+    model, opt, x = nano_one_step()
     opt.zero_grad()
     before = model(x)
     rep = growkern.deepen_(model, opt, n_layer=4, strategy=strategy)

@@ -39,6 +39,20 @@ def _everything(path):
     return ck, tensors, state["scheduler"], groups
 
 
+def _assert_same_checkpoints(ref_path, got_path):
+    """The two checkpoints hold the same config, every tensor bit for bit (and dtype), the
+    same optimizer groups and scheduler state. Returns (ref, got, got's tensors)."""
+    ref, ref_t, ref_sched, ref_groups = _everything(ref_path)
+    got, got_t, got_sched, got_groups = _everything(got_path)
+    assert got.model.config == ref.model.config
+    assert got_t.keys() == ref_t.keys()
+    for k in ref_t:
+        assert got_t[k].dtype == ref_t[k].dtype and torch.equal(got_t[k], ref_t[k]), k
+    assert got_groups == ref_groups
+    assert got_sched == ref_sched
+    return ref, got, got_t
+
+
 @pytest.mark.parametrize("strategy, parameterization", [("exact_copy", "sp"), ("perturb", "sp"), ("szp", "mup"),
                                                         ("structured", "sp"), ("perturb", "mup")])
 def test_offline_growth_writes_what_widen_and_save_write(tmp_path, monkeypatch, strategy, parameterization):
@@ -66,14 +80,8 @@ def test_offline_growth_writes_what_widen_and_save_write(tmp_path, monkeypatch, 
     monkeypatch.setattr(C, "write_dcp_lazily", counting)
     entry = offline.grow_dcp(src, tmp_path / "out", factor=2, strategy=strategy, seed=3)
 
-    ref, ref_t, ref_sched, ref_groups = _everything(tmp_path / "ref")
-    got, got_t, got_sched, got_groups = _everything(tmp_path / "out")
-    assert got.model.config == ref.model.config and got.model.config.d_model == 32
-    assert got_t.keys() == ref_t.keys()
-    for k in ref_t:
-        assert got_t[k].dtype == ref_t[k].dtype and torch.equal(got_t[k], ref_t[k]), k
-    assert got_groups == ref_groups
-    assert got_sched == ref_sched
+    ref, got, got_t = _assert_same_checkpoints(tmp_path / "ref", tmp_path / "out")
+    assert got.model.config.d_model == 32
     assert 1 <= most[0] <= 2 < len(got_t)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["growth_history"][-1]["offline"] and entry["params_after"] == got.model.num_params()
@@ -103,13 +111,8 @@ def test_offline_depth_growth_writes_what_deepen_and_save_write(tmp_path, strate
            data_state=ck.data, rng=ck.rng, storage="dcp")
     entry = offline.deepen_dcp(src, tmp_path / "out", n_layer=4, strategy=strategy, seed=5)
 
-    ref, ref_t, ref_sched, ref_groups = _everything(tmp_path / "ref")
-    got, got_t, got_sched, got_groups = _everything(tmp_path / "out")
-    assert got.model.config == ref.model.config and got.model.config.n_layer == 4
-    assert got_t.keys() == ref_t.keys()
-    for k in ref_t:
-        assert got_t[k].dtype == ref_t[k].dtype and torch.equal(got_t[k], ref_t[k]), k
-    assert got_groups == ref_groups and got_sched == ref_sched
+    ref, got, _ = _assert_same_checkpoints(tmp_path / "ref", tmp_path / "out")
+    assert got.model.config.n_layer == 4
     assert entry["params_after"] == got.model.num_params()
     x = torch.randint(0, 61, (2, 16))
     assert torch.equal(got.model(x)[0], ref.model(x)[0])
