@@ -72,7 +72,8 @@ def _extension_setup():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     csrc = "csrc"
-    sources = [f"{csrc}/widen_ops.cpp", f"{csrc}/widen_cpu.cpp", f"{csrc}/widen_core.cpp"]
+    sources = [f"{csrc}/widen_ops.cpp", f"{csrc}/widen_cpu.cpp", f"{csrc}/widen_core.cpp",
+               f"{csrc}/philox_simd.cpp"]
     cxx = ["-O3", f"-DGK_WITH_CUDA={int(with_cuda)}"]
     link = []
     # at::parallel_for is inline code: with torch's OpenMP backend it only runs in

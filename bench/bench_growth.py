@@ -4,15 +4,18 @@ A model with AdamW state (param + exp_avg + exp_avg_sq, from real optimizer step
 grown by --factor with each strategy, timed over repeats (median and interquartile
 spread; each repeat grows a fresh copy, made untimed) against a baseline run in the same
 process: copying the same bytes (reading the old state once, writing the new state once)
-with plain tensor copies, the floor a fused growth aims for. The bytes are counted from
+with plain tensor copies into memory the allocator hands back warm (baseline_copy_s), and
+the same into new memory kept until every tensor is written, as a growth keeps it
+(baseline_first_touch_s: allocating and first-touching the new state plus reading the old
+one), the floor a fused growth aims for. The bytes are counted from
 the plan before anything runs. Per strategy, one untimed growth before the timed ones
 measures step-0 preservation on a fixed batch (and warms up), and one after them runs
 under cProfile for the time spent in the backend's kernels and in building their inputs
 (build_group); the median of the reports' own `seconds` is recorded too. The two
 meta-device builds of the model class that widen_ makes to check the new config and sync
 derived attributes (adapter.build_reference on the old and the new config) are timed on
-their own. Rows are appended to bench/results/growth.csv with device, versions and git
-commit.
+their own. Rows are appended to bench/results/growth.csv with device, the instruction set of the
+CPU kernels' normals and the CPU's vector flags (cpu_isa), versions and git commit.
 
 Models (--model):
   gpt       growkern.GPT of --d-model, --n-layer, --n-head, --vocab, --block after 3 AdamW
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import cProfile
 import csv
 import datetime
@@ -47,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from benchenv import device_name, git_commit, sync
+from benchenv import cpu_isa, device_name, git_commit, sync
 
 import growkern
 from growkern import GPT, GPTConfig
@@ -129,12 +133,41 @@ def copy_baseline(model, opt, plan, device):
     return run
 
 
+def first_touch_baseline(model, opt, plan, device):
+    """The floor for new memory: allocate every new tensor, write it whole (the old
+    tensor's bytes, then zeros) and keep it until all are written, as a growth holds
+    its new state; the old state is read once."""
+    def run():
+        outs = []
+        for name, p in model.named_parameters():
+            new_shape = plan.tensors[name].new_shape
+            for t in (p.data, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
+                out = torch.empty(new_shape, dtype=t.dtype, device=device)
+                out.view(-1)[: t.numel()].copy_(t.view(-1))
+                out.view(-1)[t.numel():].zero_()
+                outs.append(out)
+        return len(outs)
+    return run
+
+
+def _release_free_memory():
+    """Hand the C heap's free memory back to the OS (glibc malloc_trim), so every timed run
+    starts from the same allocator state: its new tensors get fresh pages, as a growth in
+    a new process does, instead of pages a previous run left warm."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def time_it(make_run, repeats, device):
     """Median, q25 and q75 seconds of run() over repeats, each run made (untimed) by
     make_run(); and what the runs returned."""
     times, results = [], []
     for _ in range(repeats):
         run = make_run()
+        gc.collect()
+        _release_free_memory()
         sync(device)
         t0 = time.perf_counter()
         results.append(run())
@@ -224,6 +257,8 @@ def main(argv=None):
     baseline = copy_baseline(base_model, base_opt, plan0, device)
     baseline()  # untimed: puts the allocator in the state the timed passes see
     base_t = time_it(lambda: baseline, args.repeats, device)[0]
+    touch = first_touch_baseline(base_model, base_opt, plan0, device)
+    touch_t = time_it(lambda: touch, args.repeats, device)[0]
     parts = {"kernels_s": resolve_backend("auto", device, batch=True)[0], "groups_s": build_group}
 
     rows = []
@@ -255,15 +290,18 @@ def main(argv=None):
             "report_s": f"{report_t:.6f}", "kernels_s": f"{prof['kernels_s']:.6f}",
             "groups_s": f"{prof['groups_s']:.6f}", "build_reference_s": f"{build_ref_t:.6f}",
             "n_layer_after": plan0.new.n_layer,  # the --depth rows' column; width keeps the depth
+            "baseline_first_touch_s": f"{touch_t:.6f}", "ratio_vs_first_touch": f"{med / touch_t:.2f}",
+            "cpu_isa": cpu_isa(device),
         }
         rows.append(row)
         print(f"{strategy:11s} {rep.backend:9s} {med * 1e3:8.1f} ms [{lo * 1e3:.1f}, {hi * 1e3:.1f}]  "
-              f"x{med / base_t:5.1f} of copy ({moved / med / 1e9:.2f} GB/s)  "
+              f"x{med / base_t:5.1f} of copy, x{med / touch_t:4.2f} of first touch ({moved / med / 1e9:.2f} GB/s)  "
               f"max|dlogits| {p['max_abs_dlogits']:.2e}  KL {p['kl_small_wide']:.2e}  dloss {p['dloss']:+.4f}")
         print(f"{'':11s} report.seconds {report_t * 1e3:.1f} ms; profiled: kernels {prof['kernels_s'] * 1e3:.1f} ms, "
               f"build_group {prof['groups_s'] * 1e3:.1f} ms")
-    print(f"baseline copy {base_t * 1e3:.1f} ms ({moved / base_t / 1e9:.2f} GB/s), {moved / 2**20:.0f} MiB moved; "
-          f"build_reference old + new config {build_ref_t * 1e3:.1f} ms")
+    print(f"baseline copy {base_t * 1e3:.1f} ms ({moved / base_t / 1e9:.2f} GB/s), first touch "
+          f"{touch_t * 1e3:.1f} ms, {moved / 2**20:.0f} MiB moved; build_reference old + new config "
+          f"{build_ref_t * 1e3:.1f} ms; normals: {cpu_isa(device) or device.type}")
     append_rows(args.out, rows)
     print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
 
@@ -322,7 +360,8 @@ def bench_depth(args, strategies, device, base_model, base_opt, probe, transform
             "dloss": f"{p['dloss']:+.4f}", "exact": rep.exact,
             "model": args.model, "transformers": transformers_version, "repeats": args.repeats,
             "report_s": f"{report_t:.6f}", "kernels_s": "", "groups_s": "", "build_reference_s": "",
-            "n_layer_after": args.depth,
+            "n_layer_after": args.depth, "baseline_first_touch_s": "", "ratio_vs_first_touch": "",
+            "cpu_isa": cpu_isa(device),
         })
         print(f"depth {strategy:10s} {med * 1e3:8.1f} ms [{lo * 1e3:.1f}, {hi * 1e3:.1f}]  x{med / base_t:5.1f} of "
               f"cloning the {added / 2**20:.0f} MiB added ({base_t * 1e3:.1f} ms)  max|dlogits| "

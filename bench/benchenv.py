@@ -33,6 +33,26 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "asimd", "sve")
+
+
+def cpu_isa(device: torch.device) -> str:
+    """The instruction set growkern's CPU kernels draw normals with, and the CPU's vector
+    flags: "avx512 (cpu: avx2 fma avx512f ...)"; empty for a GPU device."""
+    if device.type != "cpu":
+        return ""
+    from growkern.kernels.ext import cpu_isa as used
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+        flags = set(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    isa = used()[0] or "no extension"
+    return f"{isa} (cpu: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none listed'})"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -105,51 +105,70 @@ GK_HD float u32_as_f32(uint32_t u) {
 #endif
 }
 
-// -2 ln u1, u1 = (x0 + 1) 2^-32, accurate to a few float32 ulps relative.
+// -2 ln u1, u1 = (x0 + 1) 2^-32, in float32 with fused multiply-adds only, so the
+// host, its SIMD lanes (philox_simd.cpp) and CUDA compute the same bits.
+// u1 = 2^-k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)): k and f come exactly from
+// integers (s = n << k read as int32 is (1 + f) 2^32 - 2^32 for n = x0 + 1), so f
+// carries one rounding and ln u1 = log1p(f) - k ln 2 is accurate relative to itself
+// also near u1 = 1; log1p is Cephes' logf polynomial on that interval.
+constexpr uint32_t kBmSqrtHalf32 = 0xB504F334u;  // ceil(2^32 / sqrt(2))
+
 GK_HD float bm_radius2_f32(uint32_t x0) {
-#if !defined(__CUDA_ARCH__)
-  // Host: u1 is exact in double and double log is accurate relative to ln u1 even
-  // near u1 = 1, so one call covers both branches below, at half of logf's cost.
-  return (float)(-2.0 * log(((double)x0 + 1.0) * 0x1p-32));
-#else
-  if (x0 >= 0x80000000u) {
-    // u1 = 1 - d 2^-32 > 1/2, d exact; d = 0 gives u1 = 1, radius 0 (as the reference).
-    const uint32_t d = 0xFFFFFFFFu - x0;
-    return -2.0f * log1pf(-(float)d * 0x1p-32f);
-  }
-  // u1 <= 1/2: x0 + 1 fits in 32 bits; ln u1 <= -ln 2 is far from 0.
-  return -2.0f * logf((float)(x0 + 1u) * 0x1p-32f);
-#endif
+  const uint32_t n = x0 + 1u;  // 0 for u1 = 1
+  // k0 = 31 - floor(log2 n) (0 when the top bit is set), from the exponent of
+  // float(n | 1); a rounding up to the next power of two makes k0 one short, which
+  // the test against 2^32 / sqrt(2) then adds, so k is exact either way.
+  const uint32_t e = f32_as_u32((float)(int32_t)(n | 1u)) >> 23;
+  const uint32_t k0 = (n >> 31) ? 0u : 158u - e;
+  const uint32_t s0 = n << k0;
+  const bool lt = s0 < kBmSqrtHalf32;
+  const uint32_t k = lt ? k0 + 1u : k0;
+  const uint32_t s = lt ? s0 << 1 : s0;          // (1 + f) 2^32 mod 2^32
+  const float f = (float)(int32_t)s * 0x1p-32f;  // in [-0.2929, 0.4142]
+  const float ek = -(float)k;
+  float p = 7.0376836292e-2f;
+  p = fmaf(p, f, -1.1514610310e-1f);
+  p = fmaf(p, f, 1.1676998740e-1f);
+  p = fmaf(p, f, -1.2420140846e-1f);
+  p = fmaf(p, f, 1.4249322787e-1f);
+  p = fmaf(p, f, -1.6668057665e-1f);
+  p = fmaf(p, f, 2.0000714765e-1f);
+  p = fmaf(p, f, -2.4999993993e-1f);
+  p = fmaf(p, f, 3.3333331174e-1f);
+  const float z = f * f;
+  float y = (p * f) * z;
+  y = fmaf(ek, -2.12194440e-4f, y);  // ln 2 = 0.693359375 - 2.12194440e-4
+  y = fmaf(-0.5f, z, y);
+  float r = f + y;
+  r = fmaf(ek, 0.693359375f, r);
+  return n == 0u ? 0.0f : -2.0f * r;
 }
 
-// cos(2 pi x1 2^-32) with exact integer reduction.
+// cos(2 pi x1 2^-32) with exact integer reduction: angle = (q + f 2^-30) pi/2,
+// folded to phi = t pi with t in [0, 1/4], and Taylor polynomials of cos(pi t)
+// and sin(pi t) there (the next terms are below 2^-32), both evaluated and one
+// picked without a branch (the choice is random, a branch mispredicts).
 GK_HD float bm_cos_f32(uint32_t x1) {
-  const uint32_t q = x1 >> 30;          // quadrant: angle = (q + f 2^-30) pi/2
   const uint32_t f = x1 & 0x3FFFFFFFu;  // 30 bits
-  const bool fold = f >= 0x20000000u;   // past pi/4 within the quadrant
-  const uint32_t g = fold ? 0x40000000u - f : f;  // in [0, 2^29], exact
-  const float t = (float)g * 0x1p-31f;  // g 2^-31: angle/pi in [0, 1/4], exact scaling
-  // cos(angle) = +-cos(phi) or +-sin(phi), phi = t pi: only one of them is needed
-  const bool use_sin = fold != (bool)(q & 1u);
-  const bool neg = (q == 1u) || (q == 2u);
-#if defined(__CUDA_ARCH__)
-  float s, c;
-  sincospif(t, &s, &c);
-  const float v = use_sin ? s : c;
-  return neg ? -v : v;
-#else
-  // Host: Taylor polynomials in t of cos(pi t) and sin(pi t) on [0, 1/4] (the
-  // next terms are below 2^-32), within 3 float32 ulps; both are evaluated and
-  // one is picked without a branch (the choice is random, a branch mispredicts):
-  // ten times faster than cosf/sinf, whose range reduction is not needed here.
+  const bool fold = (x1 >> 29) & 1u;    // past pi/4 within the quadrant
+  const uint32_t g = fold ? 0x40000000u - f : f;  // in [0, 2^29]
+  const float t = (float)(int32_t)g * 0x1p-31f;   // angle/pi in [0, 1/4]
+  const bool use_sin = ((x1 >> 29) ^ (x1 >> 30)) & 1u;
+  const uint32_t neg = (x1 ^ (x1 << 1)) & 0x80000000u;  // quadrants 1 and 2
   const float t2 = t * t;
-  const float s = t * (3.14159265f + t2 * (-5.16771278f + t2 * (2.55016404f + t2 * (-0.599264529f +
-                                                                   t2 * (0.0821458867f - t2 * 0.00737043094f)))));
-  const float c = 1.0f + t2 * (-4.93480220f + t2 * (4.05871213f + t2 * (-1.33526277f +
-                                                                   t2 * (0.235330630f - t2 * 0.0258068914f))));
+  float ps = fmaf(t2, -0.00737043094f, 0.0821458867f);
+  ps = fmaf(t2, ps, -0.599264529f);
+  ps = fmaf(t2, ps, 2.55016404f);
+  ps = fmaf(t2, ps, -5.16771278f);
+  ps = fmaf(t2, ps, 3.14159265f);
+  const float s = t * ps;
+  float pc = fmaf(t2, -0.0258068914f, 0.235330630f);
+  pc = fmaf(t2, pc, -1.33526277f);
+  pc = fmaf(t2, pc, 4.05871213f);
+  pc = fmaf(t2, pc, -4.93480220f);
+  const float c = fmaf(t2, pc, 1.0f);
   const float v = use_sin ? s : c;
-  return u32_as_f32(f32_as_u32(v) ^ ((uint32_t)neg << 31));
-#endif
+  return u32_as_f32(f32_as_u32(v) ^ neg);
 }
 
 GK_HD float philox_normal_f32(uint32_t seed, uint32_t stream, uint32_t row, uint32_t col) {

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "philox.h"
+#include "philox_simd.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -161,67 +162,75 @@ struct Member {
 
 // ---- the CPU row loop ----------------------------------------------------------
 
+// The noise of a run of n entries: out[i] = N(seed, stream, row0 + i * row_step,
+// cols ? cols[i] : 0). float32 runs go through the lane-parallel generator
+// (philox_simd.h: the same bits as philox_normal_f32); float64 draws one at a time.
+inline void fill_normals(uint32_t seed, uint32_t stream, uint32_t row0, uint32_t row_step, const int64_t* cols,
+                         int64_t n, float* out) {
+  philox_normals_f32(seed, stream, row0, row_step, cols, n, out);
+}
+inline void fill_normals(uint32_t seed, uint32_t stream, uint32_t row0, uint32_t row_step, const int64_t* cols,
+                         int64_t n, double* out) {
+  uint32_t row = row0;
+  for (int64_t i = 0; i < n; ++i, row += row_step)
+    out[i] = philox_normal_f64(seed, stream, row, cols ? (uint32_t)cols[i] : 0u);
+}
+
+constexpr int64_t kNoiseRun = 512;  // normals drawn per run: 2 KiB of float32, in L1
+
 // Rows [r0, r1) of every member (same dtype). Deterministic per element: the
-// result does not depend on how rows are split between threads.
+// result does not depend on how rows are split between threads. Noise is drawn
+// in runs of kNoiseRun entries along a row (along the rows for a 1-D tensor),
+// then combined with the mapped values.
 template <typename scalar_t>
 void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
                 const Member<scalar_t>* members, int n_members, int64_t r0, int64_t r1) {
   using acc_t = typename Traits<scalar_t>::acc_t;
   using T = Traits<scalar_t>;
-  const acc_t zero_tag = 0;
+  acc_t z[kNoiseRun];
+  if (!g.two_d) {
+    for (int mi = 0; mi < n_members; ++mi) {
+      const Member<scalar_t>& m = members[mi];
+      for (int64_t rb = r0; rb < r1; rb += kNoiseRun) {
+        const int64_t nb = r1 - rb < kNoiseRun ? r1 - rb : kNoiseRun;
+        if (m.noisy) fill_normals(g.seed, m.stream, (uint32_t)rb + g.row_offset, 1u, nullptr, nb, z);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t r = rb + i;
+          const int64_t rs = g.row_src[r];
+          acc_t v;
+          if (rs >= 0) {
+            v = T::load(m.src[rs * m.src_stride0]) * m.row_scale[r];
+            if (m.noisy) v += (m.sigma * g.row_sign[r]) * z[i];
+          } else {
+            v = m.fresh_value;
+            if (m.noisy) v += m.sigma_fresh * z[i];
+          }
+          m.dst[r] = T::store(v);
+        }
+      }
+    }
+    return;
+  }
+  const int64_t C = g.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t rs = g.row_src[r];
     const uint32_t nrow = (uint32_t)r + g.row_offset;  // wraps mod 2^32, as the reference
     for (int mi = 0; mi < n_members; ++mi) {
       const Member<scalar_t>& m = members[mi];
-      scalar_t* out = m.dst + r * g.C;
+      scalar_t* out = m.dst + r * C;
       const acc_t fresh = m.fresh_value;
       const acc_t sf = m.sigma_fresh;
-      if (!g.two_d) {
-        acc_t v;
-        if (rs >= 0) {
-          v = T::load(m.src[rs * m.src_stride0]) * m.row_scale[r];
-          if (m.noisy)
-            v += (m.sigma * g.row_sign[r]) * philox_normal(g.seed, m.stream, nrow, 0u, zero_tag);
-        } else {
-          v = fresh;
-          if (m.noisy) v += sf * philox_normal(g.seed, m.stream, nrow, 0u, zero_tag);
-        }
-        out[0] = T::store(v);
-        continue;
-      }
-      const int64_t C = g.C;
-      if (rs < 0) {  // a fresh row
-        if (m.noisy) {
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = T::store(fresh + sf * philox_normal(g.seed, m.stream, nrow,
-                                                         (uint32_t)g.noise_col[c], zero_tag));
-        } else {
-          const scalar_t f = T::store(fresh);
-          for (int64_t c = 0; c < C; ++c) out[c] = f;
-        }
-        continue;
-      }
-      const scalar_t* srow = m.src + rs * m.src_stride0;
-      const int64_t s1 = m.src_stride1;
-      const acc_t a = m.row_scale[r];
-      const acc_t* cscale = m.col_scale;
-      const int64_t* csrc = g.col_src;
-      if (m.noisy) {
-        const acc_t sr = m.sigma * g.row_sign[r];
-        const acc_t* csign = g.col_sign;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t cs = csrc[c];
-          const acc_t z = philox_normal(g.seed, m.stream, nrow, (uint32_t)g.noise_col[c], zero_tag);
-          acc_t v;
-          if (cs >= 0)
-            v = T::load(srow[cs * s1]) * a * cscale[c] + (sr * csign[c]) * z;
-          else
-            v = fresh + sf * z;
-          out[c] = T::store(v);
-        }
-      } else {
+      if (!m.noisy) {
         const scalar_t f = T::store(fresh);
+        if (rs < 0) {
+          for (int64_t c = 0; c < C; ++c) out[c] = f;
+          continue;
+        }
+        const scalar_t* srow = m.src + rs * m.src_stride0;
+        const acc_t a = m.row_scale[r];
+        const acc_t* cscale = m.col_scale;
+        const int64_t* csrc = g.col_src;
+        const int64_t s1 = m.src_stride1;
         if (s1 == 1) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t cs = csrc[c];
@@ -232,6 +241,29 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
             const int64_t cs = csrc[c];
             out[c] = cs >= 0 ? T::store(T::load(srow[cs * s1]) * a * cscale[c]) : f;
           }
+        }
+        continue;
+      }
+      for (int64_t cb = 0; cb < C; cb += kNoiseRun) {
+        const int64_t nb = C - cb < kNoiseRun ? C - cb : kNoiseRun;
+        fill_normals(g.seed, m.stream, nrow, 0u, g.noise_col + cb, nb, z);
+        if (rs < 0) {  // a fresh row
+          for (int64_t i = 0; i < nb; ++i) out[cb + i] = T::store(fresh + sf * z[i]);
+          continue;
+        }
+        const scalar_t* srow = m.src + rs * m.src_stride0;
+        const int64_t s1 = m.src_stride1;
+        const acc_t a = m.row_scale[r];
+        const acc_t sr = m.sigma * g.row_sign[r];
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t c = cb + i;
+          const int64_t cs = g.col_src[c];
+          acc_t v;
+          if (cs >= 0)
+            v = T::load(srow[cs * s1]) * a * m.col_scale[c] + (sr * g.col_sign[c]) * z[i];
+          else
+            v = fresh + sf * z[i];
+          out[c] = T::store(v);
         }
       }
     }

@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include "philox_simd.h"
 #include "widen_ops.h"
 
 #ifndef GK_WITH_CUDA
@@ -252,5 +253,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&gk_module);
   if (mod == nullptr) return nullptr;
   PyModule_AddIntConstant(mod, "WITH_CUDA", GK_WITH_CUDA);
+  // the instruction set of the CPU kernels' normals (GROWKERN_CPU_ISA caps it) and the CPU's best
+  PyModule_AddStringConstant(mod, "CPU_ISA", growkern::cpu_isa_name(growkern::cpu_isa()));
+  PyModule_AddStringConstant(mod, "CPU_ISA_MAX", growkern::cpu_isa_name(growkern::cpu_isa_max()));
   return mod;
 }

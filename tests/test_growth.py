@@ -591,3 +591,42 @@ def test_vectorized_index_maps_equal_their_definitions(src):
     sign, idx = antithetic(t)
     want_sign, want_idx = _antithetic_loop(src)
     assert sign.dtype == torch.float64 and sign.tolist() == want_sign and idx.tolist() == want_idx
+
+
+@given(st.integers(1, 9), st.integers(0, 9), st.data())
+def test_rms_mapped_equals_the_mapped_tensors_rms(r_old, c_old, data):
+    """The relative-noise unit (RMS of the mapped, pre-noise entries) computed from the old
+    tensor alone, in row chunks, equals the RMS of the mapped tensor itself: for 1-D and
+    2-D tensors, transposed views, fresh units and float32 storage."""
+    from types import SimpleNamespace
+    from growkern.growth import apply
+    two_d = c_old > 0
+
+    def axis(old):
+        src = data.draw(st.lists(st.integers(-1, old - 1), min_size=1, max_size=12))
+        scale = data.draw(st.lists(st.floats(-3, 3), min_size=len(src), max_size=len(src)))
+        return SimpleNamespace(src=torch.tensor(src), scale=torch.tensor(scale, dtype=torch.float64), old=old)
+
+    rows = axis(r_old)
+    cols = axis(c_old) if two_d else None
+    tp = SimpleNamespace(rows=rows, cols=cols)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    shape = (r_old, c_old) if two_d else (r_old,)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if two_d and data.draw(st.booleans()):  # the stored layout of a transposed plan
+        x = x.t().contiguous().t()
+    chunk = data.draw(st.sampled_from([1, 3, 1 << 16]))
+    xd = x.double()
+    r_ok, rs = rows.src >= 0, rows.src[rows.src >= 0]
+    mapped = xd[rs] * rows.scale[r_ok].reshape(-1, *([1] * (xd.dim() - 1)))
+    if two_d:
+        c_ok = cols.src >= 0
+        mapped = mapped[:, cols.src[c_ok]] * cols.scale[c_ok]
+    want = float(mapped.pow(2).mean().sqrt()) if mapped.numel() else 0.0
+    old_chunk, apply._CPU_CHUNK = apply._CPU_CHUNK, chunk
+    try:
+        got = apply.rms_mapped(x, tp)
+    finally:
+        apply._CPU_CHUNK = old_chunk
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-300)

@@ -1,5 +1,7 @@
 // Unit test of the libtorch-free core: Philox4x32-10 known-answer vectors
-// (Random123's kat_vectors), 16-bit conversions, and the CPU widen core against
+// (Random123's kat_vectors), 16-bit conversions, the lane-parallel normals
+// (philox_simd.h) against the per-element code on every instruction set this CPU
+// has, and the CPU widen core against
 // a naive double loop of the specification (growkern/kernels/spec.py), chunking
 // included, and row slices (row_offset) against the whole tensor.
 #include <math.h>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "philox.h"
+#include "philox_simd.h"
 #include "widen_core.h"
 
 using namespace growkern;
@@ -325,6 +328,71 @@ static void test_row_slices(bool two_d, const char* name) {
   printf("  %-12s row slices == whole\n", name);
 }
 
+// The lane-parallel normals of every instruction set this CPU has are the per-element
+// code's bits: chosen words at the edges of the log and angle reductions, and runs of
+// counters of every length up to a few vectors (tails included), along a row with
+// arbitrary columns and down the rows (1-D), near the 2^32 wrap.
+static void test_simd_normals() {
+  std::vector<uint32_t> x0, x1;
+  const uint32_t edges[] = {0u, 1u, 2u, 3u, 0x7FFFFFFEu, 0x7FFFFFFFu, 0x80000000u, 0x80000001u,
+                            kBmSqrtHalf32 - 2u, kBmSqrtHalf32 - 1u, kBmSqrtHalf32, kBmSqrtHalf32 + 1u,
+                            0x00FFFFFFu, 0x01000000u, 0x01FFFFFEu, 0x01FFFFFFu, 0x3FFFFFFFu, 0x40000000u,
+                            0x1FFFFFFFu, 0x20000000u, 0x5FFFFFFFu, 0x60000000u, 0xBFFFFFFFu, 0xC0000000u,
+                            0xDFFFFFFFu, 0xE0000000u, 0xFFFFFFFEu, 0xFFFFFFFFu};
+  for (uint32_t a : edges)
+    for (uint32_t b : edges) {
+      x0.push_back(a);
+      x1.push_back(b);
+    }
+  for (int k = 0; k < 32; ++k) {  // every power of two and its neighbours: the exponent trick's cases
+    for (int d = -2; d <= 2; ++d) {
+      x0.push_back((1u << k) + (uint32_t)d - 1u);  // n = x0 + 1 = 2^k + d
+      x1.push_back((1u << k) + (uint32_t)d);
+    }
+  }
+  std::mt19937 rng(99);
+  for (int i = 0; i < 100000; ++i) {
+    x0.push_back(rng());
+    x1.push_back(rng());
+  }
+  const int64_t n = (int64_t)x0.size();
+  std::vector<float> want(n), got(n);
+  for (int64_t i = 0; i < n; ++i) want[i] = sqrtf(bm_radius2_f32(x0[i])) * bm_cos_f32(x1[i]);
+  CHECK(bm_radius2_f32(0xFFFFFFFFu) == 0.0f, "u1 = 1 (x0 = 0xFFFFFFFF) must give radius 0");
+  for (CpuIsa isa : {CpuIsa::Scalar, CpuIsa::Avx2, CpuIsa::Avx512}) {
+    if (!cpu_isa_supported(isa)) {
+      printf("  simd %-7s not on this CPU\n", cpu_isa_name(isa));
+      continue;
+    }
+    box_muller_f32(isa, x0.data(), x1.data(), n, got.data());
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad += memcmp(&want[i], &got[i], 4) != 0;
+    CHECK(bad == 0, "%s: Box-Muller differs from philox.h on %lld of %lld word pairs", cpu_isa_name(isa),
+          (long long)bad, (long long)n);
+    int64_t runs = 0;
+    for (int64_t len = 0; len <= 70; ++len) {
+      std::vector<int64_t> cols(len);
+      for (auto& c : cols) c = (int64_t)(rng() % 5000);
+      for (uint32_t row0 : {3u, 0xFFFFFFF0u}) {
+        std::vector<float> out(len + 1, 7.0f), ref(len);
+        philox_normals_f32(isa, 11u, 0xFEEDu, row0, 0u, cols.data(), len, out.data());
+        for (int64_t i = 0; i < len; ++i) ref[i] = philox_normal_f32(11u, 0xFEEDu, row0, (uint32_t)cols[i]);
+        CHECK(len == 0 || memcmp(out.data(), ref.data(), 4 * len) == 0, "%s: row run of %lld differs",
+              cpu_isa_name(isa), (long long)len);
+        CHECK(out[len] == 7.0f, "%s: row run of %lld wrote past its end", cpu_isa_name(isa), (long long)len);
+        philox_normals_f32(isa, 5u, 6u, row0, 1u, nullptr, len, out.data());
+        for (int64_t i = 0; i < len; ++i) ref[i] = philox_normal_f32(5u, 6u, row0 + (uint32_t)i, 0u);
+        CHECK(len == 0 || memcmp(out.data(), ref.data(), 4 * len) == 0, "%s: column run of %lld differs",
+              cpu_isa_name(isa), (long long)len);
+        CHECK(out[len] == 7.0f, "%s: column run of %lld wrote past its end", cpu_isa_name(isa), (long long)len);
+        ++runs;
+      }
+    }
+    printf("  simd %-7s == per-element code on %lld word pairs and %lld runs\n", cpu_isa_name(isa), (long long)n,
+           (long long)runs);
+  }
+}
+
 // z alone (fresh entries, sigma_fresh = 1) against the double formula, over many counters.
 static void test_normal_accuracy() {
   double worst32 = 0, worst64 = 0;
@@ -348,6 +416,7 @@ int main() {
   test_kat();
   test_conversions();
   test_normal_accuracy();
+  test_simd_normals();
   test_core_against_naive<float>(true, "float32 2-D");
   test_core_against_naive<float>(false, "float32 1-D");
   test_core_against_naive<double>(true, "float64 2-D");

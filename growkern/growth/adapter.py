@@ -428,12 +428,27 @@ class _EmptyOnMeta(torch.overrides.TorchFunctionMode):
     """torch.empty without a device makes meta tensors: the uninitialized storage that
     nn.Linear, nn.Embedding and the like allocate for their weights, so a reference
     build never allocates a full-size weight (buffers are computed by other ops and
-    stay real)."""
+    stay real). The in-place initializers of nn.init and of models' own init code are
+    skipped on meta tensors: they have no values to fill, and running them costs most
+    of a build (torch decomposes each one in Python)."""
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.empty and kwargs.get("device") is None:
             kwargs = {**kwargs, "device": "meta"}
+        elif getattr(func, "__name__", None) in _META_NO_OPS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))  # nn.init passes tensor=
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
         return func(*args, **kwargs)
+
+
+# In-place ops that only write values (no shape, dtype or flag change): on a meta
+# tensor they do nothing.
+_META_NO_OPS = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "erfinv_", "mul_",
+                          "add_", "sub_", "div_", "clamp_", "copy_", "exponential_", "random_",
+                          "bernoulli_", "log_normal_", "cauchy_", "geometric_", "fill_diagonal_",
+                          "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                          "orthogonal_", "ones_", "zeros_", "constant_", "eye_", "sparse_"})
 
 
 @contextlib.contextmanager

@@ -24,18 +24,35 @@ def rms_mapped(old: torch.Tensor, tp: TensorPlan) -> float:
     """RMS over the non-fresh entries of the mapped (pre-noise) tensor, from the old
     tensor alone: sum (a_r b_c x[src_r, src_c])^2 = u^T (x*x) v with u, v the summed
     squared scales of each source index."""
-    x2 = old.detach().to(torch.float64) ** 2
     r_ok = tp.rows.src >= 0
-    u = torch.zeros(tp.rows.old, dtype=torch.float64).index_add_(
-        0, tp.rows.src[r_ok], tp.rows.scale[r_ok] ** 2).to(x2.device)
+    u = torch.zeros(tp.rows.old, dtype=torch.float64).index_add_(0, tp.rows.src[r_ok], tp.rows.scale[r_ok] ** 2)
+    count = int(r_ok.sum())
+    x = old.detach()
     if tp.cols is None:
-        total, count = (u * x2).sum(), int(r_ok.sum())
+        x, v = x[:, None], torch.ones(1, dtype=torch.float64)
     else:
         c_ok = tp.cols.src >= 0
         v = torch.zeros(tp.cols.old, dtype=torch.float64).index_add_(
-            0, tp.cols.src[c_ok], tp.cols.scale[c_ok] ** 2).to(x2.device)
-        total, count = u @ x2 @ v, int(r_ok.sum()) * int(c_ok.sum())
-    return math.sqrt(float(total) / count) if count else 0.0
+            0, tp.cols.src[c_ok], tp.cols.scale[c_ok] ** 2)
+        count *= int(c_ok.sum())
+    if x.stride(0) < x.stride(1):  # a transposed view: walk its storage in order
+        x, u, v = x.t(), v, u
+    total = _weighted_square_sum(x, u.to(x.device), v.to(x.device))
+    return math.sqrt(total / count) if count else 0.0
+
+
+_CPU_CHUNK = 1 << 16  # elements per float64 chunk: 512 KiB, in cache
+
+
+def _weighted_square_sum(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """u^T (x*x) v in float64. On the CPU a few rows at a time, so the float64 copy of
+    x stays in cache instead of being a second whole tensor in memory."""
+    step = x.shape[0] if x.device.type != "cpu" else max(1, _CPU_CHUNK // max(1, x.shape[1]))
+    total = 0.0
+    for lo in range(0, x.shape[0], step):
+        xc = x[lo:lo + step].to(torch.float64)
+        total += float(u[lo:lo + step] @ (xc * xc) @ v)
+    return total
 
 
 def build_group(tp: TensorPlan, param: torch.Tensor, moments: dict, strategy, seed: int) -> WidenGroup:

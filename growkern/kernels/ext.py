@@ -15,6 +15,9 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
       (growkern.ops): row_offset, in [0, 2**32), is WidenGroup.row_offset, so
       rows [lo, hi) of a tensor can be built alone with the full build's noise.
       Implementations: CPU and CUDA, each the one-group case of widen_groups.
+      The CPU kernels draw float32 normals 16 (AVX-512) or 8 (AVX2) lanes at a
+      time, with the same bits as the scalar code (csrc/philox_simd.h);
+      GROWKERN_CPU_ISA=scalar|avx2|avx512 caps the set, `cpu_isa()` says which.
   widen_groups(Tensor[] srcs, int[] group_sizes, Tensor[] row_src, Tensor?[] col_src,
                Tensor[] row_sign, Tensor?[] col_sign, Tensor?[] noise_col, int[] seeds,
                Tensor[] row_scales, Tensor?[] col_scales, float[] fresh_values,
@@ -32,6 +35,8 @@ The extension registers, under torch.ops.growkern (TORCH_LIBRARY(growkern)):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 _state: dict = {}
@@ -47,10 +52,17 @@ def _build_reason() -> str:
     return ""
 
 
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
 def load():
     """The extension module, or None; the reason is in `load_error()`."""
     if "mod" in _state:
         return _state["mod"]
+    cap = os.environ.get("GROWKERN_CPU_ISA")
+    if cap is not None and cap not in CPU_ISAS:  # the extension reads it once, at import
+        raise ValueError(f"GROWKERN_CPU_ISA must be one of {', '.join(CPU_ISAS)} (a cap on the CPU "
+                         f"kernels' instruction set), got {cap!r}")
     try:
         from .. import _C as mod
     except Exception as e:  # not built, or built against another torch
@@ -70,6 +82,15 @@ def load():
 def load_error() -> str:
     load()
     return _state.get("err", "")
+
+
+def cpu_isa() -> tuple[str, str]:
+    """(the instruction set the CPU kernels draw normals with, the best this CPU and
+    build have), e.g. ("avx512", "avx512"); ("", "") without the extension."""
+    mod = load()
+    if mod is None:
+        return "", ""
+    return getattr(mod, "CPU_ISA", "scalar"), getattr(mod, "CPU_ISA_MAX", "scalar")
 
 
 def with_cuda() -> bool:
