@@ -413,6 +413,7 @@ static void test_normal_accuracy() {
 }
 
 int main() {
+  printf("  the row loop draws normals with %s (GROWKERN_CPU_ISA caps it)\n", cpu_isa_name(cpu_isa()));
   test_kat();
   test_conversions();
   test_normal_accuracy();
