@@ -116,6 +116,9 @@ GK_HD float u32_as_f32(uint32_t u) {
 // integers (s = n << k read as int32 is (1 + f) 2^32 - 2^32 for n = x0 + 1), so f
 // carries one rounding and ln u1 = log1p(f) - k ln 2 is accurate relative to itself
 // also near u1 = 1; log1p is Cephes' logf polynomial on that interval.
+// Every multiply-add is an explicit fmaf and no product feeds a plain add: compilers
+// fuse such pairs (GCC's default -ffp-contract=fast, nvcc's --fmad) only where the
+// target has FMA, which would make the SIMD lanes, CUDA and the scalar loop differ.
 constexpr uint32_t kBmSqrtHalf32 = 0xB504F334u;  // ceil(2^32 / sqrt(2))
 
 GK_HD float bm_radius2_f32(uint32_t x0) {

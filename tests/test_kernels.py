@@ -15,8 +15,10 @@ float32 result into float16/bfloat16). eps is the compute precision: 2^-20
 (8 float32 ulps) for float32/float16/bfloat16 tensors, which are computed in
 float32, and 2^-48 for float64 tensors, computed in double. The noise alone
 (fresh entries, sigma_fresh = 1) meets |z - z_ref| <= 2^-21 |z| + 2^-40 rho in
-float32: ln u1 uses log1p for u1 > 1/2 and cos(2 pi u2) an exact integer angle
-reduction, so z is accurate relative to itself, also near 0.
+float32: ln u1 = log1p(f) - k ln 2 with k and f read exactly from the integer x0 + 1,
+and cos(2 pi u2) an exact integer angle reduction, so z is accurate relative to itself,
+also near 0 (docs/growth.md, "The float32 normal"). The C++ and CUDA backends share that
+float32 code bit for bit, the CPU's SIMD lanes included (checked by ctest).
 
 The integer stream (the Philox words) is bit-identical to growkern.philox on
 every backend, and outputs are bit-identical across thread counts, Triton block
@@ -786,3 +788,48 @@ def test_triton_kernel_compiles_for_gpu():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("triton has no ptxas here")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_ISA_RUN = r"""
+import hashlib, sys, torch, growkern
+from growkern.kernels import ext
+torch.manual_seed(0)
+digests = []
+for dtype in (torch.float32, torch.bfloat16):
+    m = growkern.GPT(growkern.GPTConfig(d_model=20, n_head=2, n_layer=1, d_ff=36, vocab_size=37,
+                                        block_size=8)).to(dtype)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    x = torch.randint(0, 37, (2, 9))
+    m(x[:, :-1], x[:, 1:])[1].backward()
+    opt.step()
+    growkern.widen_(m, opt, factor=2.5, strategy="perturb", seed=7, backend="cpu")
+    h = hashlib.sha256()
+    for name, p in sorted(m.named_parameters()):
+        h.update(p.detach().view(-1).view(torch.uint8).numpy().tobytes())
+    digests.append(h.hexdigest())
+print(ext.cpu_isa()[0], ext.cpu_isa()[1], *digests)
+"""
+
+
+def test_cpu_instruction_sets_give_the_same_bits():
+    """widen_ on the cpu backend grows to the same bits whichever instruction set draws the
+    normals (GROWKERN_CPU_ISA caps it; tensor widths 50 and 90 leave tails of every vector
+    width), float32 and bfloat16; the cap is honoured and a bad value is one clear error."""
+    import subprocess
+    import sys
+    if backends()["cpu"] != "available":
+        pytest.skip(backends()["cpu"])
+    runs = {}
+    for cap in ("scalar", "avx2", "avx512"):
+        env = {**os.environ, "GROWKERN_CPU_ISA": cap}
+        proc = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        used, best, *digests = proc.stdout.split()
+        order = ["scalar", "avx2", "avx512"]
+        assert used == order[min(order.index(cap), order.index(best))]
+        runs[used] = digests
+    assert len(set(map(tuple, runs.values()))) == 1, runs
+    env = {**os.environ, "GROWKERN_CPU_ISA": "sse9"}
+    proc = subprocess.run([sys.executable, "-c", _ISA_RUN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "GROWKERN_CPU_ISA must be one of scalar, avx2, avx512" in proc.stderr
