@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "philox.h"
 #include "philox_simd.h"
 
@@ -86,12 +88,11 @@ GK_HD bf16_t float_to_bf16(float f) {
 #if defined(__CUDA_ARCH__)
   b.bits = __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
+  // a select, not a branch, so loops of it vectorize
   const uint32_t u = f32_as_u32(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    b.bits = (uint16_t)((u >> 16) | 0x0040u);  // quiet NaN, sign kept
-  } else {
-    b.bits = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-  }
+  const uint32_t nan = (u >> 16) | 0x0040u;                      // quiet NaN, sign kept
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  b.bits = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
 #endif
   return b;
 }
@@ -211,6 +212,11 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
     }
     return;
   }
+  // Values are computed in acc_t a run at a time and rounded to the storage type in a
+  // separate contiguous loop, which the compiler vectorizes (the gathers above it
+  // cannot be); float and double tensors are written directly.
+  constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
+  acc_t staged[direct ? 1 : kNoiseRun];
   const int64_t C = g.C;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t rs = g.row_src[r];
@@ -220,51 +226,41 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
       scalar_t* out = m.dst + r * C;
       const acc_t fresh = m.fresh_value;
       const acc_t sf = m.sigma_fresh;
-      if (!m.noisy) {
+      if (!m.noisy && rs < 0) {  // a fresh row
         const scalar_t f = T::store(fresh);
-        if (rs < 0) {
-          for (int64_t c = 0; c < C; ++c) out[c] = f;
-          continue;
-        }
-        const scalar_t* srow = m.src + rs * m.src_stride0;
-        const acc_t a = m.row_scale[r];
-        const acc_t* cscale = m.col_scale;
-        const int64_t* csrc = g.col_src;
-        const int64_t s1 = m.src_stride1;
-        if (s1 == 1) {
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t cs = csrc[c];
-            out[c] = cs >= 0 ? T::store(T::load(srow[cs]) * a * cscale[c]) : f;
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t cs = csrc[c];
-            out[c] = cs >= 0 ? T::store(T::load(srow[cs * s1]) * a * cscale[c]) : f;
-          }
-        }
+        for (int64_t c = 0; c < C; ++c) out[c] = f;
         continue;
       }
+      const scalar_t* srow = rs >= 0 ? m.src + rs * m.src_stride0 : nullptr;
+      const int64_t s1 = m.src_stride1;
+      const acc_t a = rs >= 0 ? m.row_scale[r] : acc_t(0);
+      const acc_t sr = rs >= 0 ? m.sigma * g.row_sign[r] : acc_t(0);
       for (int64_t cb = 0; cb < C; cb += kNoiseRun) {
         const int64_t nb = C - cb < kNoiseRun ? C - cb : kNoiseRun;
-        fill_normals(g.seed, m.stream, nrow, 0u, g.noise_col + cb, nb, z);
-        if (rs < 0) {  // a fresh row
-          for (int64_t i = 0; i < nb; ++i) out[cb + i] = T::store(fresh + sf * z[i]);
-          continue;
+        const int64_t* csrc = g.col_src + cb;
+        const acc_t* cscale = m.col_scale + cb;
+        acc_t* v = direct ? reinterpret_cast<acc_t*>(out + cb) : staged;
+        if (!m.noisy) {
+          if (s1 == 1) {
+            for (int64_t i = 0; i < nb; ++i) v[i] = csrc[i] >= 0 ? T::load(srow[csrc[i]]) * a * cscale[i] : fresh;
+          } else {
+            for (int64_t i = 0; i < nb; ++i)
+              v[i] = csrc[i] >= 0 ? T::load(srow[csrc[i] * s1]) * a * cscale[i] : fresh;
+          }
+        } else {
+          fill_normals(g.seed, m.stream, nrow, 0u, g.noise_col + cb, nb, z);
+          if (rs < 0) {
+            for (int64_t i = 0; i < nb; ++i) v[i] = fresh + sf * z[i];
+          } else {
+            const acc_t* csign = g.col_sign + cb;
+            for (int64_t i = 0; i < nb; ++i) {
+              const int64_t cs = csrc[i];
+              v[i] = cs >= 0 ? T::load(srow[cs * s1]) * a * cscale[i] + (sr * csign[i]) * z[i] : fresh + sf * z[i];
+            }
+          }
         }
-        const scalar_t* srow = m.src + rs * m.src_stride0;
-        const int64_t s1 = m.src_stride1;
-        const acc_t a = m.row_scale[r];
-        const acc_t sr = m.sigma * g.row_sign[r];
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t c = cb + i;
-          const int64_t cs = g.col_src[c];
-          acc_t v;
-          if (cs >= 0)
-            v = T::load(srow[cs * s1]) * a * m.col_scale[c] + (sr * g.col_sign[c]) * z[i];
-          else
-            v = fresh + sf * z[i];
-          out[c] = T::store(v);
-        }
+        if (!direct)
+          for (int64_t i = 0; i < nb; ++i) out[cb + i] = T::store(staged[i]);
       }
     }
   }
