@@ -19,7 +19,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "philox.h"
 #include "philox_simd.h"
@@ -218,6 +220,23 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
   constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
   acc_t staged[direct ? 1 : kNoiseRun];
   const int64_t C = g.C;
+  // Antithetic partners share a noise column: each row then draws every distinct
+  // counter once (row_draws), and the columns read their draw through draw_of.
+  std::vector<int64_t> distinct, draw_of;
+  std::vector<acc_t> row_draws;
+  bool any_noisy = false;
+  for (int mi = 0; mi < n_members; ++mi) any_noisy = any_noisy || members[mi].noisy;
+  if (any_noisy && r1 > r0) {
+    distinct.assign(g.noise_col, g.noise_col + C);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    if ((int64_t)distinct.size() * 4 <= C * 3) {  // worth it: a quarter or more are shared
+      draw_of.resize(C);
+      for (int64_t c = 0; c < C; ++c)
+        draw_of[c] = std::lower_bound(distinct.begin(), distinct.end(), g.noise_col[c]) - distinct.begin();
+      row_draws.resize(distinct.size());
+    }
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t rs = g.row_src[r];
     const uint32_t nrow = (uint32_t)r + g.row_offset;  // wraps mod 2^32, as the reference
@@ -235,6 +254,8 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
       const int64_t s1 = m.src_stride1;
       const acc_t a = rs >= 0 ? m.row_scale[r] : acc_t(0);
       const acc_t sr = rs >= 0 ? m.sigma * g.row_sign[r] : acc_t(0);
+      if (m.noisy && !draw_of.empty())
+        fill_normals(g.seed, m.stream, nrow, 0u, distinct.data(), (int64_t)distinct.size(), row_draws.data());
       for (int64_t cb = 0; cb < C; cb += kNoiseRun) {
         const int64_t nb = C - cb < kNoiseRun ? C - cb : kNoiseRun;
         const int64_t* csrc = g.col_src + cb;
@@ -248,7 +269,11 @@ void widen_rows(const GroupMaps<typename Traits<scalar_t>::acc_t>& g,
               v[i] = csrc[i] >= 0 ? T::load(srow[csrc[i] * s1]) * a * cscale[i] : fresh;
           }
         } else {
-          fill_normals(g.seed, m.stream, nrow, 0u, g.noise_col + cb, nb, z);
+          if (draw_of.empty()) {
+            fill_normals(g.seed, m.stream, nrow, 0u, g.noise_col + cb, nb, z);
+          } else {
+            for (int64_t i = 0; i < nb; ++i) z[i] = row_draws[draw_of[cb + i]];
+          }
           if (rs < 0) {
             for (int64_t i = 0; i < nb; ++i) v[i] = fresh + sf * z[i];
           } else {
