@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import cProfile
 import csv
 import datetime
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from benchenv import cpu_isa, device_name, git_commit, sync
+from benchenv import cpu_isa, device_name, git_commit, release_free_memory, sync
 
 import growkern
 from growkern import GPT, GPTConfig
@@ -140,16 +139,6 @@ def copy_baseline(model, opt, plan, device, keep=False):
     return run
 
 
-def _release_free_memory():
-    """Hand the C heap's free memory back to the OS (glibc malloc_trim), so every timed run
-    starts from the same allocator state: its new tensors get fresh pages, as a growth in
-    a new process does, instead of pages a previous run left warm."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def time_it(make_run, repeats, device):
     """Median, q25 and q75 seconds of run() over repeats, each run made (untimed) by
     make_run(); and what the runs returned."""
@@ -157,7 +146,7 @@ def time_it(make_run, repeats, device):
     for _ in range(repeats):
         run = make_run()
         gc.collect()
-        _release_free_memory()
+        release_free_memory()
         sync(device)
         t0 = time.perf_counter()
         results.append(run())

@@ -24,7 +24,10 @@ of 512 MiB, read + write counted), `frac_nominal` of the nominal bandwidth
 (--bandwidth, or a table of known GPUs). Peak extra memory is the peak during a
 method's first pass (untimed) minus what was in use before it (CPU: VmHWM reset
 through /proc/self/clear_refs, less the RSS after malloc_trim; CUDA:
-max_memory_allocated less memory_allocated). Rows go to bench/results/widen.csv; --plot draws them.
+max_memory_allocated less memory_allocated). On the CPU, before every timed pass the C
+heap's free pages go back to the OS (malloc_trim), so every method writes fresh pages
+each pass, as widen_ in a new process does, and the alloc floor is comparable between
+runs. Rows go to bench/results/widen.csv; --plot draws them.
 
     python bench/bench_widen.py                                 # CPU: d_model 256, 512
     python bench/bench_widen.py --device cuda                   # d_model 256 .. 2048, fp32 + bf16
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gc
 import importlib.util
 import os
 import statistics
@@ -50,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from benchenv import device_name, git_commit, sync  # noqa: E402
+from benchenv import device_name, git_commit, release_free_memory, sync  # noqa: E402
 from growkern.kernels.backends import backends, resolve_backend  # noqa: E402
 from growkern.kernels.spec import TensorScales, WidenGroup, reference_widen  # noqa: E402
 from growkern.growth.apply import batch_indices  # noqa: E402
@@ -214,19 +218,10 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes / min(times) / 1e9
 
 
-def _malloc_trim():
-    """Hand glibc's free heap pages back to the OS, so that RSS is the live set."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measure(run, device, repeats: int, warmup: int):
     # the first pass measures memory (and warms up): peak in use during it, less before it
     if device.type == "cpu":
-        _malloc_trim()
+        release_free_memory()
     before = _reset_peak(device)
     run()
     extra_mb = max(0.0, _peak_mb(device) - before)
@@ -234,6 +229,9 @@ def measure(run, device, repeats: int, warmup: int):
         run()
     times = []
     for _ in range(repeats):
+        if device.type == "cpu":  # every timed pass gets fresh pages, as widen_ in a new process
+            gc.collect()
+            release_free_memory()
         sync(device)
         t = time.perf_counter()
         run()

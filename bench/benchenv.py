@@ -1,6 +1,7 @@
 """What every benchmark row records about where it ran: git commit and device."""
 from __future__ import annotations
 
+import ctypes
 import platform
 import subprocess
 from pathlib import Path
@@ -51,6 +52,17 @@ def cpu_isa(device: torch.device) -> str:
         pass
     isa = used()[0] or "no extension"
     return f"{isa} (cpu: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none listed'})"
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim): RSS is then the
+    live set, and the next allocations get fresh pages, as in a new process, instead of
+    pages an earlier run left warm. Benchmarks call it before every timed CPU run so
+    every run starts from the same allocator state."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sync(device: torch.device) -> None:
