@@ -14,8 +14,11 @@ pairs) unless --noise 0. Methods, all in one process over the same groups:
                    multiply the scales, torch.where the fresh units, torch.randn
                    noise; one member at a time, in the tensors' dtype
   reference        growkern.ops.reference_widen (float64, numpy Philox): the spec
-  alloc            allocate the new tensors and fill them once: the floor of any
-                   out-of-place method
+  alloc            allocate the new tensors and fill them once, a group at a time:
+                   the floor of any out-of-place method's arithmetic (later groups
+                   reuse the pages earlier ones freed)
+  alloc/batch      the same, holding each batch's tensors until the batch is done,
+                   as the batched backends do: the floor including their page faults
 
 Bytes counted per pass: every member's old tensor read once plus its new tensor
 written once (maps and scales are small and not counted). GB/s is that over the
@@ -137,6 +140,13 @@ def method_runner(method: str, device, work, sizes):
         def run():
             for srcs, grp in work:
                 [torch.empty(grp.shape, dtype=s.dtype, device=device).fill_(1.0) for s in srcs]  # dropped as made
+        return run
+    if method == "alloc/batch":
+        batches = batch_indices(sizes)
+
+        def run():
+            for b in batches:  # a batch's tensors, dropped together
+                [torch.empty(work[i][1].shape, dtype=s.dtype, device=device).fill_(1.0) for i in b for s in work[i][0]]
         return run
     if method == "eager":
         gen = torch.Generator(device=device).manual_seed(0)
@@ -342,7 +352,7 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=1e-3, help="sigma on the parameter (0: no noise)")
     ap.add_argument("--methods", default=None,
                     help="comma list (default: every available native backend batched and per group, eager, "
-                         "reference, alloc)")
+                         "reference, alloc, alloc/batch)")
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default 10 cuda, 3 cpu)")
     ap.add_argument("--reference-repeats", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes (>= 1: the first measures memory)")
@@ -366,7 +376,7 @@ def main(argv=None):
         methods = args.methods.split(",")
     else:
         native = [b for b in (("cuda", "triton") if device.type == "cuda" else ("cpu",)) if avail[b] == "available"]
-        methods = native + [f"{b}/group" for b in native if b != "triton"] + ["eager", "reference", "alloc"]
+        methods = native + [f"{b}/group" for b in native if b != "triton"] + ["eager", "reference", "alloc", "alloc/batch"]
     nominal = args.bandwidth
     if nominal is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
